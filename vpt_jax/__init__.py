@@ -1,0 +1,14 @@
+"""vpt_jax: visual prompt tuning of frozen, pretrained Vision Transformers in JAX/Flax.
+
+The door most users open first:
+
+    model, variables = vpt_jax.load_pretrained("vit-b16-i21k", num_classes=100,
+                                               drop_pre_logits=True)
+    logits = model.apply(variables, images)   # NHWC float32 in [-1, 1]
+"""
+
+from vpt_jax.checkpoints import CheckpointError, inspect, load_pretrained
+from vpt_jax.models.vit import EncoderHooks, VisionTransformer
+
+__version__ = "0.1.0"
+__all__ = ["CheckpointError", "EncoderHooks", "VisionTransformer", "inspect", "load_pretrained"]

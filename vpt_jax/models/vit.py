@@ -1,0 +1,311 @@
+"""A linen Vision Transformer whose parameter tree is the one of the original checkpoints.
+
+Parameter tree (linen names; `vpt_jax.checkpoints` maps both published file layouts onto it):
+
+    embedding/{kernel,bias}          patch-embedding conv, kernel HWIO
+    cls                              (1, 1, D), when `class_token`
+    pos_embedding                    (1, [1 +] gh*gw, D); the leading class-token row exists only
+                                     for vit_jax files (`posemb_cls_row`), big_vision folds it into cls
+    Transformer/encoderblock_{i}/    LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
+                                     LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
+    Transformer/encoder_norm
+    MAPHead_0/...                    when pool_type == 'map' (big_vision / SigLIP)
+    pre_logits/{kernel,bias}         when `representation_size` (Dense + tanh)
+    head/{kernel,bias}               when `num_classes`
+
+Prompts and other additions never fork this file: the encoder calls an optional `EncoderHooks`
+module before every layer (to insert or replace tokens) and inside every attention (to append
+extra keys/values). The hooks module is a child of the ViT, so its variables live in the same
+variable dict, in whatever collection it chooses (VPT uses 'prompts').
+
+Numerics follow the originals: pre-LN blocks, LayerNorm eps 1e-6, tanh-approximate GELU (flax's
+default, which the checkpoints were trained with), attention scaled by 1/sqrt(head_dim), softmax in
+float32. `dtype` sets the compute dtype of the matmuls/convs only; parameters, LayerNorm statistics,
+the residual stream, softmax and the logits stay float32.
+
+Intermediate arrays are sown into the 'intermediates' collection (`stem`, `block_{i}`, `encoded`,
+`pooled`, `head_input`) so tests and tools can read them with `mutable=['intermediates']`, at no
+cost otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+KeyValue = Tuple[Array, Array]
+
+LN_EPS = 1e-6
+POOL_TYPES = ("token", "gap", "map")
+
+
+class EncoderHooks(nn.Module):
+  """Identity hooks; subclass and override to change what the encoder sees.
+
+  Subclasses declare their variables in `setup()` (a module may have only one compact method, and
+  these hooks have several entry points).
+  """
+
+  def before_layer(self, layer: int, x: Array, *, train: bool) -> Array:
+    """Returns the token sequence that encoder layer `layer` (0-based) receives.
+
+    May return a longer or shorter sequence (insert, replace or drop tokens). Token 0 must stay the
+    class token when the model has one, since 'token' pooling reads row 0.
+    """
+    del layer, train
+    return x
+
+  def extra_kv(self, layer: int, *, batch_size: int, train: bool) -> Optional[KeyValue]:
+    """Extra (keys, values) appended inside the attention of layer `layer`, or None.
+
+    Each has shape (n, heads, head_dim) (shared by the batch) or (batch, n, heads, head_dim), in
+    the head space after the key/value projections. Queries are unchanged, so the output sequence
+    keeps its length.
+    """
+    del layer, batch_size, train
+    return None
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU(tanh) -> Dense, the transformer feed-forward block."""
+
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    d = x.shape[-1]
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+    y = nn.gelu(y, approximate=True)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.Dense(d, dtype=self.dtype, name="Dense_1")(y)
+    return y
+
+
+def attend(q: Array, k: Array, v: Array) -> Array:
+  """softmax(q k^T / sqrt(head_dim)) v over (batch, length, heads, head_dim) arrays."""
+  q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _batched(t: Array, batch: int) -> Array:
+  """(n, h, d) or (b, n, h, d) -> (batch, n, h, d)."""
+  if t.ndim == 3:
+    t = t[None]
+  return jnp.broadcast_to(t, (batch,) + t.shape[1:])
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with the checkpoints' DenseGeneral layout and optional extra keys/values.
+
+  query/key/value kernels are (D, heads, head_dim), out kernel is (heads, head_dim, D).
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, *,
+               extra_kv: Optional[KeyValue] = None) -> Array:
+    d = inputs_q.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
+    head_dim = d // self.num_heads
+    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
+    q = proj("query")(inputs_q)
+    k = proj("key")(inputs_kv)
+    v = proj("value")(inputs_kv)
+    if extra_kv is not None:
+      ek, ev = extra_kv
+      b = inputs_kv.shape[0]
+      k = jnp.concatenate([k, _batched(ek, b).astype(k.dtype)], axis=1)
+      v = jnp.concatenate([v, _batched(ev, b).astype(v.dtype)], axis=1)
+    y = attend(q, k, v)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, extra_kv: Optional[KeyValue] = None,
+               train: bool = False) -> Array:
+    y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_0")(x)
+    y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
+                                     name="MultiHeadDotProductAttention_0")(y, y, extra_kv=extra_kv)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    x = x + y
+    y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_1")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_0")(y, train=train)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """The stack of blocks plus the final LayerNorm, with the two hook points per layer."""
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, hooks: Optional[EncoderHooks] = None,
+               train: bool = False) -> Array:
+    for i in range(self.depth):
+      kv = None
+      if hooks is not None:
+        x = hooks.before_layer(i, x, train=train)
+        kv = hooks.extra_kv(i, batch_size=x.shape[0], train=train)
+      x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                         name=f"encoderblock_{i}")(x, extra_kv=kv, train=train)
+      self.sow("intermediates", f"block_{i}", x)
+    return nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (big_vision): a learned probe attends over the tokens.
+
+  pooled = a + MLP(LN(a)) with a = MHA(probe, tokens); no residual around the attention.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n, _, d = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
+    probe = jnp.broadcast_to(probe, (n, 1, d))
+    a = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
+                                     name="MultiHeadDotProductAttention_0")(probe, x)
+    y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_0")(a)
+    a = a + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+    return a[:, 0]
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier. `apply(variables, images)` takes NHWC images in [-1, 1] and returns logits.
+
+  Attributes:
+    image_size: (height, width) the position embedding is laid out for.
+    patch_size: (height, width) of a patch (= conv kernel and stride).
+    width, depth, num_heads, mlp_dim: transformer size.
+    num_classes: head size; None for no head (the model returns the pre-logits features).
+    pool_type: 'token' (class token row), 'gap' (mean of all tokens) or 'map' (attention pooling).
+    class_token: whether a learned class token is prepended.
+    posemb_cls_row: vit_jax layout, where pos_embedding has a row for the class token and is added
+      after the token is prepended; otherwise (big_vision) it covers the patches only.
+    representation_size: width of the tanh `pre_logits` layer, or None.
+    map_num_heads, map_mlp_dim: MAP head size (default: the encoder's).
+    in_channels: input channels of the patch embedding.
+    dropout: dropout rate in the blocks (0.0 in all the originals' transfer configs).
+    dtype: compute dtype of matmuls and convolutions (e.g. jnp.bfloat16).
+    hooks: optional `EncoderHooks` module (prompts, key/value prompts).
+  """
+
+  image_size: Tuple[int, int]
+  patch_size: Tuple[int, int]
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  num_classes: Optional[int] = None
+  pool_type: str = "token"
+  class_token: bool = True
+  posemb_cls_row: bool = False
+  representation_size: Optional[int] = None
+  map_num_heads: Optional[int] = None
+  map_mlp_dim: Optional[int] = None
+  in_channels: int = 3
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  hooks: Optional[EncoderHooks] = None
+
+  @property
+  def grid(self) -> Tuple[int, int]:
+    return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+  def _check(self, images: Array) -> None:
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f"unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
+    if self.pool_type == "token" and not self.class_token:
+      raise ValueError("pool_type='token' needs class_token=True")
+    if self.posemb_cls_row and not self.class_token:
+      raise ValueError("posemb_cls_row=True needs class_token=True")
+    for s, p in zip(self.image_size, self.patch_size):
+      if s % p:
+        raise ValueError(f"image_size {tuple(self.image_size)} is not a multiple of "
+                         f"patch_size {tuple(self.patch_size)}")
+    if images.ndim != 4 or tuple(images.shape[1:]) != (*self.image_size, self.in_channels):
+      raise ValueError(
+          f"images of shape {tuple(images.shape)} do not fit this model, which expects "
+          f"(batch, {self.image_size[0]}, {self.image_size[1]}, {self.in_channels}) NHWC; "
+          "load the checkpoint with load_pretrained(..., image_size=...) to change the resolution")
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False) -> Array:
+    self._check(images)
+    x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size),
+                padding="VALID", dtype=self.dtype, name="embedding")(images)
+    x = x.astype(jnp.float32)
+    self.sow("intermediates", "stem", x)
+    n, gh, gw, d = x.shape
+    x = x.reshape(n, gh * gw, d)
+
+    rows = gh * gw + int(self.posemb_cls_row)
+    posemb = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, rows, d))
+    if self.class_token:
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+      cls = jnp.broadcast_to(cls, (n, 1, d))
+      if self.posemb_cls_row:
+        x = jnp.concatenate([cls, x], axis=1) + posemb
+      else:
+        x = jnp.concatenate([cls, x + posemb], axis=1)
+    else:
+      x = x + posemb
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                name="Transformer")(x, hooks=self.hooks, train=train)
+    self.sow("intermediates", "encoded", x)
+
+    if self.pool_type == "token":
+      x = x[:, 0]
+    elif self.pool_type == "gap":
+      x = jnp.mean(x, axis=1)
+    else:
+      x = MAPHead(self.map_num_heads or self.num_heads, self.map_mlp_dim or self.mlp_dim,
+                  dtype=self.dtype, name="MAPHead_0")(x)
+    self.sow("intermediates", "pooled", x)
+
+    if self.representation_size:
+      x = jnp.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
+    self.sow("intermediates", "head_input", x)
+
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(x)
+    return x
+
+
+def as_pair(v: int | Sequence[int]) -> Tuple[int, int]:
+  """7 -> (7, 7); (h, w) -> (h, w)."""
+  if isinstance(v, int):
+    return (v, v)
+  h, w = v
+  return (int(h), int(w))
