@@ -47,20 +47,39 @@ def mlp(p, prefix, x):
   return h @ g("Dense_1/kernel") + g("Dense_1/bias")
 
 
-def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=None):
-  """Logits (or features when there is no head) of a ViT.
-
-  insert: {layer: (fn(x) -> x)} applied to the sequence before that layer.
-  extra_kv: {layer: (k, v)} appended to keys/values of that layer's attention.
-  """
-  g = lambda n: np.asarray(p[n], np.float64)
+def embed_patches(p, images, patch):
+  """(B, H, W, C) -> (B, gh*gw, D): each patch flattened row-major times the reshaped kernel."""
   x = np.asarray(images, np.float64)
   b, h, w, c = x.shape
   gh, gw = h // patch, w // patch
   patches = x.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5)
   patches = patches.reshape(b, gh * gw, patch * patch * c)
-  kern = g("embedding/kernel").reshape(patch * patch * c, -1)
-  t = patches @ kern + g("embedding/bias")
+  kern = np.asarray(p["embedding/kernel"], np.float64).reshape(patch * patch * c, -1)
+  return patches @ kern + np.asarray(p["embedding/bias"], np.float64)
+
+
+def head(p, f):
+  """pre_logits (if any) and head (if any) applied to pooled features."""
+  g = lambda n: np.asarray(p[n], np.float64)
+  if "pre_logits/kernel" in p:
+    f = np.tanh(f @ g("pre_logits/kernel") + g("pre_logits/bias"))
+  if "head/kernel" in p:
+    f = f @ g("head/kernel") + g("head/bias")
+  return f
+
+
+def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=None,
+            patch_tokens=None, return_tokens=False):
+  """Logits (or features when there is no head) of a ViT.
+
+  insert: {layer: (fn(x) -> x)} applied to the sequence before that layer.
+  extra_kv: {layer: (k, v)} appended to keys/values of that layer's attention.
+  patch_tokens: precomputed (B, gh*gw, D) patch embeddings (instead of embedding `images`).
+  return_tokens: return the final-LayerNorm token sequence instead of the logits.
+  """
+  g = lambda n: np.asarray(p[n], np.float64)
+  t = embed_patches(p, images, patch) if patch_tokens is None else patch_tokens
+  b = t.shape[0]
   pe = g("pos_embedding")
   if "cls" in p:
     cls = np.broadcast_to(g("cls"), (b, 1, t.shape[-1]))
@@ -77,6 +96,8 @@ def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=Non
     y = layer_norm(t, g(f"{blk}/LayerNorm_1/scale"), g(f"{blk}/LayerNorm_1/bias"))
     t = t + mlp(p, f"{blk}/MlpBlock_0", y)
   t = layer_norm(t, g("Transformer/encoder_norm/scale"), g("Transformer/encoder_norm/bias"))
+  if return_tokens:
+    return t
   if pool == "token":
     f = t[:, 0]
   elif pool == "gap":
@@ -86,8 +107,4 @@ def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=Non
     a = attention(p, "MAPHead_0/MultiHeadDotProductAttention_0", probe, t)
     y = layer_norm(a, g("MAPHead_0/LayerNorm_0/scale"), g("MAPHead_0/LayerNorm_0/bias"))
     f = (a + mlp(p, "MAPHead_0/MlpBlock_0", y))[:, 0]
-  if "pre_logits/kernel" in p:
-    f = np.tanh(f @ g("pre_logits/kernel") + g("pre_logits/bias"))
-  if "head/kernel" in p:
-    f = f @ g("head/kernel") + g("head/bias")
-  return f
+  return head(p, f)

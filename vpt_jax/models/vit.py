@@ -30,7 +30,7 @@ cost otherwise.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -47,9 +47,20 @@ POOL_TYPES = ("token", "gap", "map")
 class EncoderHooks(nn.Module):
   """Identity hooks; subclass and override to change what the encoder sees.
 
-  Subclasses declare their variables in `setup()` (a module may have only one compact method, and
-  these hooks have several entry points).
+  The ViT calls them in this order: `embed` (patch embedding, may also return tokens to insert
+  after the class token, without position embedding), then per layer `before_layer` and
+  `extra_kv`, and `after_encoder` (which tokens the pooling sees). Subclasses declare their
+  variables in `setup()` (a module may have only one compact method, and hooks have several).
   """
+
+  def embed(self, images: Array, embedding: Callable[[Array], Array], *,
+            train: bool) -> Tuple[Array, Optional[Array]]:
+    """Returns (patch tokens (B, gh, gw, D), tokens to insert after the class token or None).
+
+    `embedding` is the model's (frozen) patch-embedding conv; it accepts any image size.
+    """
+    del train
+    return embedding(images), None
 
   def before_layer(self, layer: int, x: Array, *, train: bool) -> Array:
     """Returns the token sequence that encoder layer `layer` (0-based) receives.
@@ -69,6 +80,11 @@ class EncoderHooks(nn.Module):
     """
     del layer, batch_size, train
     return None
+
+  def after_encoder(self, x: Array, *, train: bool) -> Array:
+    """The tokens (after the final LayerNorm) that the model's pooling reads."""
+    del train
+    return x
 
 
 class MlpBlock(nn.Module):
@@ -261,8 +277,13 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     self._check(images)
-    x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size),
-                padding="VALID", dtype=self.dtype, name="embedding")(images)
+    embedding = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size),
+                        padding="VALID", dtype=self.dtype, name="embedding")
+    inserted = None
+    if self.hooks is None:
+      x = embedding(images)
+    else:
+      x, inserted = self.hooks.embed(images, embedding, train=train)
     x = x.astype(jnp.float32)
     self.sow("intermediates", "stem", x)
     n, gh, gw, d = x.shape
@@ -279,11 +300,17 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([cls, x + posemb], axis=1)
     else:
       x = x + posemb
+    if inserted is not None:
+      prefix = int(self.class_token)
+      inserted = jnp.broadcast_to(inserted, (n,) + inserted.shape[-2:]).astype(x.dtype)
+      x = jnp.concatenate([x[:, :prefix], inserted, x[:, prefix:]], axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
                 name="Transformer")(x, hooks=self.hooks, train=train)
     self.sow("intermediates", "encoded", x)
+    if self.hooks is not None:
+      x = self.hooks.after_encoder(x, train=train)
 
     if self.pool_type == "token":
       x = x[:, 0]

@@ -1,0 +1,308 @@
+"""Visual Prompt Tuning (Jia et al., ECCV 2022) as encoder hooks of `VisionTransformer`.
+
+The prompts are variables of the 'prompts' collection (path `prompts/hooks/...`), separate from the
+frozen checkpoint in 'params'. `attach(model, config)` returns the ViT with the prompts plugged in.
+
+Semantics, for the set S of prompted layers (0-based):
+
+* before a layer in S: if the sequence holds prompt tokens they are **replaced** by this layer's
+  prompts (the previous layer's prompt outputs are discarded, as in the paper's VPT-deep equations
+  and the official code), otherwise the prompts are inserted after the class token;
+* before a layer not in S: prompt tokens flow through, or with `expand=False` ("no expand") are
+  dropped once past the last prompted layer;
+* VPT-shallow is S = {0}; VPT-deep is all layers; `depth=k` is the first k (`reverse`: last k).
+
+Prompts are inserted after the position embedding, so they carry none; which is why their place in
+the sequence does not matter ([x, P, E] and [x, E, P] give the same class-token output).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vpt_jax.models.vit import EncoderHooks, VisionTransformer
+
+Array = jax.Array
+
+LOCATIONS = ("prepend", "add", "add-1", "prepend-pixel", "pad", "concat-channel")
+PIXEL_LOCATIONS = ("prepend-pixel", "pad", "concat-channel")
+POOLS = ("original", "cls", "image", "prompt", "all")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `prompt` section of a config; every option of the paper's ablations.
+
+  length: p, prompt tokens per prompted layer (0 = no prompts: the plain ViT, exactly; for 'add'
+    and 'add-1' any length > 0 switches them on, their size is set by the sequence).
+  deep: prompts before every prompted layer (VPT-deep); False = before layer 1 only (shallow).
+  depth: deep only; prompt the first `depth` layers (0 = all).
+  reverse: with depth; prompt the last `depth` layers instead (the paper's top-to-bottom runs).
+  shared: deep only; one prompt set reused at every prompted layer ("deep-shared").
+  expand: False drops the prompt tokens after the last prompted layer ("no expand").
+  location: 'prepend' (default), 'add' (one prompt per token added element-wise; length is the
+    number of tokens), 'add-1' (one vector added to all tokens), 'prepend-pixel' (length pixel
+    patches through the frozen patch embedding), 'pad' (a learnable border `length` pixels wide;
+    the image is resized to fit inside it), 'concat-channel' (`length` extra learnable input
+    channels, with their own trainable slice of the patch-embedding kernel).
+  pool: what the head reads: 'original' (the backbone's pooling over the non-prompt tokens: the
+    class token for vit_jax models), 'cls', 'image' (mean of image-patch outputs), 'prompt' (mean of
+    prompt outputs), 'all' (mean of prompt and patch outputs: the paper's global pool).
+  init: 'uniform' (U(-v, v), v = sqrt(6 / (3 * patch_h * patch_w + d)) as the paper), or a path
+    to a .npy array of shape (length, d) or (prompted layers, length, d) (e.g. class-token
+    embeddings); loaded by `init_from_array`.
+  dropout: dropout rate on the prompt tokens (training only).
+  project: >0: prompts live in this smaller dimension and a trainable Dense maps them to d.
+  """
+  return ml_collections.ConfigDict(dict(
+      length=50, deep=True, depth=0, reverse=False, shared=False, expand=True,
+      location="prepend", pool="original", init="uniform", dropout=0.0, project=0))
+
+
+def prompted_layers(num_layers: int, *, deep: bool, depth: int = 0,
+                    reverse: bool = False) -> Tuple[int, ...]:
+  """The 0-based layers that receive fresh prompts."""
+  if not deep:
+    if depth or reverse:
+      raise ValueError("config prompt.depth / prompt.reverse apply to VPT-deep (prompt.deep=True)")
+    return (0,)
+  if depth < 0 or depth > num_layers:
+    raise ValueError(f"config prompt.depth={depth} must be in 0..{num_layers} (0 = all layers)")
+  if reverse and not depth:
+    raise ValueError("config prompt.reverse=True needs prompt.depth=k (the last k layers)")
+  k = depth or num_layers
+  return tuple(range(num_layers - k, num_layers)) if reverse else tuple(range(k))
+
+
+def _uniform(bound: float) -> Callable:
+  return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class VPT(EncoderHooks):
+  """Prompt provider; build it with `attach`, which fills in the model-dependent fields."""
+
+  length: int
+  layers: Tuple[int, ...]
+  width: int
+  patch_size: Tuple[int, int]
+  image_size: Tuple[int, int]
+  in_channels: int
+  num_prefix: int           # 1 when the model has a class token
+  num_patches: int          # gh * gw
+  shared: bool = False
+  expand: bool = True
+  location: str = "prepend"
+  pool: str = "original"
+  dropout: float = 0.0
+  project: int = 0
+
+  @property
+  def init_bound(self) -> float:
+    ph, pw = self.patch_size
+    return math.sqrt(6.0 / (self.in_channels * ph * pw + self.width))
+
+  def setup(self):
+    p, d, bound = self.length, self.width, self.init_bound
+    dp = self.project or d
+    rng = lambda: self.make_rng("params")
+    var = lambda name, shape, init: self.variable("prompts", name, lambda: init(rng(), shape))
+    n_sets = 1 if self.shared else len(self.layers)
+    if not p:
+      pass  # length 0: no prompts at all, the plain ViT.
+    elif self.location == "prepend":
+      self.tokens = var("tokens", (n_sets, p, dp), _uniform(bound))
+    elif self.location == "add":
+      self.tokens = var("tokens", (n_sets, self.num_prefix + self.num_patches, dp), _uniform(bound))
+    elif self.location == "add-1":
+      self.tokens = var("tokens", (n_sets, 1, dp), _uniform(bound))
+    elif self.location == "prepend-pixel":
+      ph, pw = self.patch_size
+      self.pixels = var("pixels", (ph, pw * p, self.in_channels), _uniform(bound))
+    elif self.location == "pad":
+      h, w = self.image_size
+      c = self.in_channels
+      self.pad_top = var("pad_top", (p, w, c), _uniform(bound))
+      self.pad_bottom = var("pad_bottom", (p, w, c), _uniform(bound))
+      self.pad_left = var("pad_left", (h - 2 * p, p, c), _uniform(bound))
+      self.pad_right = var("pad_right", (h - 2 * p, p, c), _uniform(bound))
+    elif self.location == "concat-channel":
+      h, w = self.image_size
+      self.channels = var("channels", (h, w, p), _uniform(bound))
+      # Zero kernel: training starts from the plain ViT, and both parts get gradients.
+      self.channel_kernel = var("channel_kernel", (*self.patch_size, p, d),
+                                lambda k, s: jnp.zeros(s, jnp.float32))
+    if self.project and p:
+      # kaiming-normal over fan-out, as the official projection layer.
+      self.proj_kernel = var("proj_kernel", (dp, d),
+                             lambda k, s: jax.random.normal(k, s) * math.sqrt(2.0 / d))
+      self.proj_bias = var("proj_bias", (d,), lambda k, s: jnp.zeros(s, jnp.float32))
+    self.drop = nn.Dropout(self.dropout)
+
+  # -- helpers -----------------------------------------------------------------------------------
+
+  def _prompt_set(self, layer: int, batch: int, train: bool) -> Array:
+    """The (batch, n, d) prompts that layer `layer` receives (projected, dropped out)."""
+    t = self.tokens.value[0 if self.shared else self.layers.index(layer)]
+    if self.project:
+      t = t @ self.proj_kernel.value + self.proj_bias.value
+    t = jnp.broadcast_to(t, (batch,) + t.shape)
+    return self.drop(t, deterministic=not train)
+
+  def _num_prompts(self, x: Array) -> int:
+    return x.shape[1] - self.num_prefix - self.num_patches
+
+  # -- hooks -------------------------------------------------------------------------------------
+
+  def embed(self, images, embedding, *, train):
+    if self.location == "pad" and self.length:
+      p = self.length
+      b, h, w, c = images.shape
+      inner = jax.image.resize(images, (b, h - 2 * p, w - 2 * p, c), "bilinear")
+      bc = lambda v: jnp.broadcast_to(v.value, (b,) + v.value.shape).astype(images.dtype)
+      middle = jnp.concatenate([bc(self.pad_left), inner, bc(self.pad_right)], axis=2)
+      images = jnp.concatenate([bc(self.pad_top), middle, bc(self.pad_bottom)], axis=1)
+      return embedding(images), None
+    if self.location == "concat-channel" and self.length:
+      extra = jax.lax.conv_general_dilated(
+          self.channels.value[None], self.channel_kernel.value, self.patch_size, "VALID",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return embedding(images) + extra.astype(images.dtype), None
+    if self.location == "prepend-pixel" and self.length:
+      tokens = embedding(self.pixels.value[None].astype(images.dtype))  # (1, 1, p, d)
+      tokens = jnp.broadcast_to(tokens.reshape(1, self.length, self.width),
+                                (images.shape[0], self.length, self.width))
+      return embedding(images), self.drop(tokens, deterministic=not train)
+    return embedding(images), None
+
+  def before_layer(self, layer, x, *, train):
+    if not self.length:
+      return x
+    if self.location in ("add", "add-1"):
+      return x + self._prompt_set(layer, x.shape[0], train) if layer in self.layers else x
+    if self.location not in ("prepend", "prepend-pixel"):
+      return x
+    n, k = self._num_prompts(x), self.num_prefix
+    if layer in self.layers:
+      if layer == 0 and self.location == "prepend-pixel":
+        return x  # The pixel prompts were inserted by `embed`.
+      prompts = self._prompt_set(layer, x.shape[0], train)
+      return jnp.concatenate([x[:, :k], prompts.astype(x.dtype), x[:, k + n:]], axis=1)
+    if not self.expand and n and layer > max(self.layers):
+      return jnp.concatenate([x[:, :k], x[:, k + n:]], axis=1)
+    return x
+
+  def after_encoder(self, x, *, train):
+    n, k = self._num_prompts(x), self.num_prefix
+    if self.pool == "original":
+      return jnp.concatenate([x[:, :k], x[:, k + n:]], axis=1) if n else x
+    if self.pool == "cls":
+      return x
+    if self.pool == "image":
+      return x[:, k + n:]
+    if self.pool == "prompt":
+      return x[:, k:k + n]
+    return x[:, k:]  # 'all'
+
+
+def _check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> None:
+  known = set(default_config())
+  unknown = sorted(set(cfg) - known)
+  if unknown:
+    raise ValueError(f"unknown config option(s) prompt.{', prompt.'.join(unknown)}; "
+                     f"known: {', '.join(sorted(known))}")
+  if cfg.length < 0:
+    raise ValueError(f"config prompt.length={cfg.length} must be >= 0")
+  if cfg.location not in LOCATIONS:
+    raise ValueError(f"config prompt.location={cfg.location!r}: expected one of {LOCATIONS}")
+  if cfg.pool not in POOLS:
+    raise ValueError(f"config prompt.pool={cfg.pool!r}: expected one of {POOLS}")
+  if cfg.pool == "cls" and not model.class_token:
+    raise ValueError("config prompt.pool='cls' needs a backbone with a class token; this one pools "
+                     f"with '{model.pool_type}' (use 'original', 'image', 'prompt' or 'all')")
+  if cfg.location in PIXEL_LOCATIONS and cfg.deep:
+    raise ValueError(f"config prompt.location={cfg.location!r} is a pixel-space (input) prompt; "
+                     "it needs prompt.deep=False")
+  if cfg.shared and not cfg.deep:
+    raise ValueError("config prompt.shared=True (deep-shared) needs prompt.deep=True")
+  if not 0.0 <= cfg.dropout < 1.0:
+    raise ValueError(f"config prompt.dropout={cfg.dropout} must be in [0, 1)")
+  if cfg.project < 0:
+    raise ValueError(f"config prompt.project={cfg.project} must be >= 0 (0 = no projection)")
+  if cfg.project and cfg.location not in ("prepend", "add", "add-1"):
+    raise ValueError("config prompt.project applies to latent prompts (location prepend/add/add-1)")
+  if cfg.location == "pad" and 2 * cfg.length >= min(model.image_size):
+    raise ValueError(f"config prompt.length={cfg.length}: a pad this wide leaves no image inside "
+                     f"{tuple(model.image_size)}")
+  prepends = cfg.location in ("prepend", "prepend-pixel")
+  if cfg.pool in ("prompt", "all") and not (prepends and cfg.length):
+    raise ValueError(f"config prompt.pool={cfg.pool!r} reads prompt outputs, but location "
+                     f"{cfg.location!r} with length {cfg.length} puts no prompt tokens in the sequence")
+  if cfg.pool in ("prompt", "all") and not cfg.expand:
+    layers = prompted_layers(model.depth, deep=cfg.deep, depth=cfg.depth, reverse=cfg.reverse)
+    if max(layers) < model.depth - 1:
+      raise ValueError(f"config prompt.pool={cfg.pool!r} reads prompt outputs, which "
+                       "prompt.expand=False drops after the last prompted layer")
+
+
+def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict) -> VisionTransformer:
+  """`model` with VPT prompts plugged into its encoder (a clone; the original is unchanged)."""
+  _check_config(cfg, model)
+  if model.hooks is not None:
+    raise ValueError("this model already has encoder hooks attached")
+  layers = prompted_layers(model.depth, deep=cfg.deep, depth=cfg.depth, reverse=cfg.reverse)
+  hooks = VPT(length=cfg.length, layers=layers, width=model.width,
+              patch_size=tuple(model.patch_size), image_size=tuple(model.image_size),
+              in_channels=model.in_channels, num_prefix=int(model.class_token),
+              num_patches=model.grid[0] * model.grid[1], shared=cfg.shared, expand=cfg.expand,
+              location=cfg.location, pool=cfg.pool, dropout=cfg.dropout, project=cfg.project)
+  pool_type = {"original": model.pool_type, "cls": "token"}.get(cfg.pool, "gap")
+  return model.clone(hooks=hooks, pool_type=pool_type)
+
+
+def init_prompts(model: VisionTransformer, rng: Array) -> dict:
+  """Fresh 'prompts' variables for a model made by `attach` (no backbone compute or memory)."""
+  images = jnp.zeros((1, *model.image_size, model.in_channels), jnp.float32)
+  # Under jit, everything but the prompts' initialisers is dead code and is never run.
+  return jax.jit(lambda r: model.init(r, images).get("prompts", {}))(rng)
+
+
+def init_from_array(prompts: dict, array: np.ndarray, *, source: str = "array") -> dict:
+  """Replaces the initial prompt tokens by `array` ((p, d) for every layer, or (layers, p, d))."""
+  tokens = prompts["hooks"].get("tokens")
+  if tokens is None:
+    raise ValueError("prompt init from an array needs latent prompts (location prepend/add/add-1)")
+  array = np.asarray(array, np.float32)
+  if array.shape == tokens.shape[1:]:
+    array = np.broadcast_to(array, tokens.shape)
+  if array.shape != tokens.shape:
+    raise ValueError(f"{source}: prompt init array has shape {array.shape}; this model's prompts "
+                     f"need {tuple(tokens.shape[1:])} or {tuple(tokens.shape)}")
+  return {**prompts, "hooks": {**prompts["hooks"], "tokens": jnp.asarray(array)}}
+
+
+def load_init(prompts: dict, cfg: ml_collections.ConfigDict) -> dict:
+  """Applies `cfg.init` ('uniform' keeps the random init; otherwise a .npy path)."""
+  if cfg.init == "uniform":
+    return prompts
+  try:
+    array = np.load(cfg.init)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"config prompt.init={cfg.init!r}: cannot read a .npy array ({e})") from e
+  return init_from_array(prompts, array, source=cfg.init)
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def describe(cfg: ml_collections.ConfigDict, num_layers: int) -> str:
+  """A short human label, e.g. 'VPT-deep p=50 (layers 0-11)'."""
+  layers = prompted_layers(num_layers, deep=cfg.deep, depth=cfg.depth, reverse=cfg.reverse)
+  kind = "deep" if cfg.deep else "shallow"
+  return f"VPT-{kind} p={cfg.length} {cfg.location} (layers {layers[0]}-{layers[-1]})"
