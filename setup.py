@@ -15,7 +15,7 @@ setuptools.setup(
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",
-        "optax>=0.2.3",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.10",
         "ml-collections>=0.1.1",
         "absl-py",

@@ -36,7 +36,7 @@ def protocol_patterns(protocol: str, *, depth: Optional[int] = None) -> List[str
   if protocol == "linear":
     return [_HEAD]
   if protocol == "full":
-    return [r"params/.*", r"prompts/.*"]
+    return [r".*"]
   if protocol == "bias":
     return [r"params/.*/bias", _HEAD]
   m = re.fullmatch(r"partial-(\d+)", protocol)
@@ -51,7 +51,9 @@ def protocol_patterns(protocol: str, *, depth: Optional[int] = None) -> List[str
 
 
 def leaf_paths(variables: Mapping[str, Any]) -> List[str]:
-  return ["/".join(k) for k in traverse_util.flatten_dict(dict(variables))]
+  """'/'-joined paths in `jax.tree.leaves` order, so they zip with the leaves."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(dict(variables))
+  return ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
 
 
 def label(variables: Mapping[str, Any], patterns: Sequence[str], *,

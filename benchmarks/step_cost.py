@@ -1,0 +1,122 @@
+"""What a train step costs, per protocol: XLA FLOPs, compiled memory, measured images/s.
+
+    python benchmarks/step_cost.py                 # tiny model and ViT-B/16 at 224, batch 8
+    python benchmarks/step_cost.py --models=tiny   # seconds, for a quick look
+
+Prints one JSON line. For each model and protocol (VPT-shallow p=50, VPT-deep p=50, full
+fine-tuning): forward and train-step FLOPs from XLA's cost analysis (the step includes the
+gradient-norm logging the trainer does), their ratio, the compiled step's memory, images/s over
+timed steps, and the FLOP/s achieved; plus the machine's large-matmul FLOP/s measured in the same
+run. Targets (issue 3): VPT step <= 2.05x its forward FLOPs; achieved >= 80% of the matmul FLOP/s.
+Weights are random (the cost does not depend on them), so no checkpoint is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vpt_jax import partition, train
+from vpt_jax.checkpoints import Architecture
+from vpt_jax.models import prompts
+
+MODELS = {
+    "tiny": Architecture(patch_size=(4, 4), in_channels=3, width=64, depth=2, num_heads=4,
+                         mlp_dim=128, grid=(8, 8), pool_type="token", class_token=True,
+                         posemb_cls_row=True, representation_size=None, num_classes=10),
+    "vit-b16": Architecture(patch_size=(16, 16), in_channels=3, width=768, depth=12,
+                            num_heads=12, mlp_dim=3072, grid=(14, 14), pool_type="token",
+                            class_token=True, posemb_cls_row=True, representation_size=None,
+                            num_classes=100),
+}
+PROTOCOLS = {
+    "vpt_shallow_p50": ("vpt", dict(length=50, deep=False)),
+    "vpt_deep_p50": ("vpt", dict(length=50, deep=True)),
+    "full": ("full", None),
+}
+
+
+def matmul_flops_per_s(n: int = 4096, reps: int = 5) -> float:
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    f(a, a).block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, steps: int) -> dict:
+  model = arch.model()
+  if prompt_kw is not None:
+    cfg = prompts.default_config()
+    cfg.update(prompt_kw)
+    model = prompts.attach(model, cfg)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, *arch.image_size, 3)),
+                       jnp.float32)
+  labels = jnp.asarray(np.arange(batch) % arch.num_classes, jnp.int32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
+  mask = partition.label(variables, partition.protocol_patterns(protocol))
+  trainable, frozen = partition.split(variables, mask)
+  optim = train.default_optim_config()
+  tx, schedule = train.make_optimizer(optim, steps_per_epoch=100)
+  state = train.create_train_state(trainable, tx, jax.random.PRNGKey(1))
+  batch_d = {"image": images, "label": labels}
+
+  fwd = jax.jit(lambda t, f, x: model.apply(partition.merge(t, f), x)).lower(
+      trainable, frozen, images).compile()
+  step = jax.jit(train.make_train_step(model, tx, schedule), donate_argnums=(0,)).lower(
+      state, frozen, batch_d).compile()
+  fwd_flops = fwd.cost_analysis()["flops"]
+  step_flops = step.cost_analysis()["flops"]
+  mem = step.memory_analysis()
+
+  state, m = step(state, frozen, batch_d)  # warm-up
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, frozen, batch_d)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t) / steps
+  return {
+      "trainable_params": partition.count(trainable),
+      "fwd_gflops": round(fwd_flops / 1e9, 3),
+      "step_gflops": round(step_flops / 1e9, 3),
+      "step_over_fwd": round(step_flops / fwd_flops, 4),
+      "temp_mib": round(mem.temp_size_in_bytes / 2 ** 20, 1),
+      "args_mib": round(mem.argument_size_in_bytes / 2 ** 20, 1),
+      "step_s": round(dt, 4),
+      "images_per_s": round(batch / dt, 2),
+      "achieved_gflops_per_s": round(step_flops / dt / 1e9, 1),
+  }
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--models", default="tiny,vit-b16")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--steps", type=int, default=3)
+  args = ap.parse_args()
+  matmul = matmul_flops_per_s()
+  out = {"benchmark": "step_cost", "device": str(jax.devices()[0].device_kind),
+         "backend": jax.default_backend(), "host": platform.node(), "batch": args.batch,
+         "matmul_gflops_per_s": round(matmul / 1e9, 1), "models": {}}
+  for name in args.models.split(","):
+    res = {p: measure(MODELS[name], proto, kw, args.batch, args.steps)
+           for p, (proto, kw) in PROTOCOLS.items()}
+    for r in res.values():
+      r["achieved_over_matmul"] = round(r["achieved_gflops_per_s"] * 1e9 / matmul, 3)
+    res["deep_fwd_over_plain_fwd"] = round(
+        res["vpt_deep_p50"]["fwd_gflops"] / res["full"]["fwd_gflops"], 4)
+    out["models"][name] = res
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
