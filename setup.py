@@ -26,6 +26,8 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.4",
         "importlib_resources",  # tensorflow-datasets' resource lookups when offline
         "pillow",
+        "tensorboard",  # event files for tf.summary (tensorflow-cpu does not pull it in)
+        "scikit-learn",  # the offline demo dataset (digits)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist", "scipy"],

@@ -1,6 +1,16 @@
-"""Defaults shared by every config: the backbone and how it is loaded."""
+"""Defaults shared by every config, and the parser of the `--config=file.py:ARG` argument.
+
+Conventions (see README): `optim.lr` is the learning rate used at `batch_size` (no hidden
+scaling); the official VPT tuning scripts quote lr per 256 images, so their grid value x becomes
+x * batch_size / 256 here. Inputs are scaled to [-1, 1], the range the ViT checkpoints were
+trained on (`data.normalization='imagenet'` reproduces the official VPT code).
+"""
 
 import ml_collections
+
+from vpt_jax import train
+from vpt_jax.data import sources
+from vpt_jax.models import prompts
 
 
 def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
@@ -9,10 +19,62 @@ def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
   checkpoint: a model-zoo name (`vpt_jax.zoo`), a local .npz path or a gs:// / https:// URL, with
     an optional ':subtree' suffix (SigLIP files: ':img').
   image_size: run at this resolution (position embeddings are resampled); 0 = the checkpoint's.
-  num_classes: replace the head by a fresh one with this many classes; 0 = keep the checkpoint's.
+  num_classes: the new head's classes; 0 = the dataset's.
   drop_pre_logits: remove the tanh representation layer of ImageNet-21k checkpoints (VPT does).
   dtype: compute dtype of the matmuls, 'float32' or 'bfloat16'.
   """
   return ml_collections.ConfigDict(dict(
       checkpoint=checkpoint, image_size=0, num_classes=0, drop_pre_logits=False,
       dtype="float32"))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Every option of a run, with the VPT paper's defaults where it has them."""
+  c = ml_collections.ConfigDict()
+  c.model = backbone()
+  c.model.drop_pre_logits = True         # VPT reads the class token after the final LayerNorm
+  c.prompt = prompts.default_config()    # VPT-deep, p = 50
+  c.protocol = "vpt"                     # vpt | linear | full | bias | partial-k
+  c.trainable = ()                       # regexes over variable paths; replace the protocol's
+  c.optim = train.default_optim_config()  # SGD momentum 0.9, warmup 10 + cosine to 100 epochs
+  c.data = sources.default_config()
+  c.batch_size = 128
+  c.seed = 0
+  c.eval_every_epochs = 1                # validation every k epochs (0 = only at the end)
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 0           # 0 = at the end of every epoch
+  c.keep_checkpoints = 3                 # the last N; the best-on-validation is kept as well
+  return c
+
+
+def _parse_value(text: str, like):
+  if isinstance(like, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected a boolean, got {text!r}")
+    return text.lower() in ("true", "1")
+  if isinstance(like, int):
+    return int(text)
+  if isinstance(like, float):
+    return float(text)
+  return text
+
+
+def apply_arg(config: ml_collections.ConfigDict, tokens) -> None:
+  """Applies 'key.path=value' tokens (typed like the existing value) to the config."""
+  for tok in tokens:
+    key, _, value = tok.partition("=")
+    *parents, leaf = key.split(".")
+    node = config
+    for k in parents:
+      if k not in node or not isinstance(node[k], ml_collections.ConfigDict):
+        raise ValueError(f"config argument {tok!r}: unknown option {key!r}")
+      node = node[k]
+    if leaf not in node:
+      raise ValueError(f"config argument {tok!r}: unknown option {key!r}")
+    node[leaf] = _parse_value(value, node[leaf])
+
+
+def split_arg(arg):
+  """'task,final,optim.lr=0.5' -> (['task', 'final'], ['optim.lr=0.5'])."""
+  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+  return [t for t in tokens if "=" not in t], [t for t in tokens if "=" in t]

@@ -1,21 +1,49 @@
-"""Offline demo: the tiny checkpoint shipped with the package, no download.
+"""Offline demo: the project's own tiny ViT, transferred to scikit-learn's handwritten digits.
 
-    python -m vpt_jax.predict --config=configs/demo.py
-    python -m vpt_jax.predict --config=configs/demo.py --config.images=a.jpg,b.png
+    python -m vpt_jax.sweep --config=configs/demo.py --workdir=/tmp/vpt_demo   # all three arms
+    python -m vpt_jax.main --config=configs/demo.py:vpt-deep --workdir=/tmp/vpt_demo/vpt-deep
+
+The backbone `demo-vit` ships with the package in the vit_jax .npz format; it was pretrained by
+tools/pretrain_demo_backbone.py on a procedural shapes task (a different task from digits). The
+digits are split like VTAB-1k: 800 train + 200 validation, and the other 797 images for test.
+Argument: an arm name (vpt-deep, vpt-shallow, linear), optionally followed by ',key=value'.
 """
 
 import ml_collections
 
 from configs import common
 
+ARMS = {
+    "vpt-deep": dict(protocol="vpt", length=8, deep=True, lr=0.5),
+    "vpt-shallow": dict(protocol="vpt", length=8, deep=False, lr=0.5),
+    "linear": dict(protocol="linear", length=0, deep=False, lr=0.5),
+}
+
+
+def get_sweep():
+  """The arms `vpt_jax.sweep` runs for this config."""
+  return list(ARMS)
+
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  del arg
-  config = ml_collections.ConfigDict()
-  config.model = common.backbone("tiny-random")
-  config.predict = ml_collections.ConfigDict(dict(
-      images="",       # comma-separated image files; empty = a few generated test patterns
-      top_k=3,
-      batch_size=32,
-  ))
-  return config
+  names, overrides = common.split_arg(arg or "vpt-deep")
+  if len(names) != 1 or names[0] not in ARMS:
+    raise ValueError(f"configs/demo.py argument {arg!r}: expected one of {', '.join(ARMS)}")
+  arm = ARMS[names[0]]
+  c = common.get_config()
+  c.model.checkpoint = "demo-vit"
+  c.model.drop_pre_logits = False
+  c.protocol = arm["protocol"]
+  c.prompt.length = arm["length"]
+  c.prompt.deep = arm["deep"]
+  c.data.source = "digits"
+  c.data.train_split, c.data.val_split, c.data.test_split = "train800", "val200", "test"
+  c.batch_size = 64
+  c.optim.lr = arm["lr"]
+  c.optim.wd = 1e-4
+  c.optim.epochs = 30
+  c.optim.warmup_epochs = 3
+  c.eval_every_epochs = 5
+  c.log_every_steps = 60
+  common.apply_arg(c, overrides)
+  return c

@@ -1,4 +1,4 @@
-"""The offline predict command and its config."""
+"""The predict command: pretrained checkpoints (tuned runs are covered in test_main.py)."""
 
 import os
 import subprocess
@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 import vpt_jax
-from configs import demo
 from conftest import ROOT
 from vpt_jax import predict
 
@@ -22,12 +21,8 @@ def test_predictions_equal_the_models_softmax(tmp_path):
   for i, p in enumerate(pixels):
     paths.append(str(tmp_path / f"img{i}.png"))
     Image.fromarray(p).save(paths[-1])
-  config = demo.get_config()
-  config.predict.images = ",".join(paths)
-  config.predict.top_k = 4
-  got = predict.predict(config)
-
   model, variables = vpt_jax.load_pretrained("tiny-random")
+  got = predict.predict(model, variables, paths, top_k=4)
   probs = np.asarray(jax.nn.softmax(model.apply(variables, pixels / 127.5 - 1.0)))
   assert [name for name, _ in got] == paths
   for (_, top), p in zip(got, probs):
@@ -36,24 +31,18 @@ def test_predictions_equal_the_models_softmax(tmp_path):
     np.testing.assert_allclose([q for _, q in top], p[classes], rtol=1e-5)
 
 
-def test_bad_config_values_are_named(tmp_path):
-  config = demo.get_config()
-  config.predict.images = str(tmp_path / "missing.jpg")
-  with pytest.raises(FileNotFoundError, match="predict.images.*missing.jpg"):
-    predict.predict(config)
+def test_bad_image_files_are_named(tmp_path):
+  model, variables = vpt_jax.load_pretrained("tiny-random")
+  with pytest.raises(FileNotFoundError, match="missing.jpg"):
+    predict.predict(model, variables, [str(tmp_path / "missing.jpg")])
   (tmp_path / "text.jpg").write_text("not an image")
-  config.predict.images = str(tmp_path / "text.jpg")
-  with pytest.raises(ValueError, match="predict.images.*text.jpg"):
-    predict.predict(config)
-  config = demo.get_config()
-  config.model.dtype = "float16"
-  with pytest.raises(ValueError, match="model.dtype='float16'"):
-    predict.predict(config)
+  with pytest.raises(ValueError, match="text.jpg"):
+    predict.predict(model, variables, [str(tmp_path / "text.jpg")])
 
 
-def test_readme_demo_command_runs_offline():
+def test_command_runs_offline_on_test_patterns():
   env = dict(os.environ, PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, "-m", "vpt_jax.predict", "--config=configs/demo.py"],
+  out = subprocess.run([sys.executable, "-m", "vpt_jax.predict", "--checkpoint=tiny-random"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   lines = [l for l in out.stdout.splitlines() if ": class " in l]

@@ -1,9 +1,10 @@
-"""Print a checkpoint's top-k predictions for some images.
+"""Print top-k predictions of a tuned run or of a pretrained checkpoint for some images.
 
-    python -m vpt_jax.predict --config=configs/demo.py [--config.images=a.jpg,b.png]
-    python -m vpt_jax.predict --config=configs/demo.py --config.model.checkpoint=vit-b16-i21k
+    python -m vpt_jax.predict --workdir=/tmp/vpt_demo/vpt-deep a.png b.jpg   # a tuned model
+    python -m vpt_jax.predict --checkpoint=demo-vit                         # a pretrained one
 
 Without images it runs on a few generated test patterns, so it works offline on a fresh machine.
+Images are resized to the model's input size and scaled to [-1, 1].
 """
 
 from __future__ import annotations
@@ -13,24 +14,16 @@ import sys
 from typing import Dict, List, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import app
-from ml_collections import config_flags
+from absl import app, flags, logging
 
 from vpt_jax import checkpoints
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/demo.py).")
-
-
-def load_backbone(cfg: ml_collections.ConfigDict):
-  """`load_pretrained` called with a `configs.common.backbone()` section."""
-  if cfg.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config model.dtype={cfg.dtype!r}: expected 'float32' or 'bfloat16'")
-  return checkpoints.load_pretrained(
-      cfg.checkpoint, image_size=cfg.image_size or None, num_classes=cfg.num_classes or None,
-      drop_pre_logits=cfg.drop_pre_logits, dtype=jnp.dtype(cfg.dtype))
+_WORKDIR = flags.DEFINE_string("workdir", None, "A tuned run's workdir (vpt_jax.main).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "A pretrained checkpoint: zoo name, .npz path or URL.")
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "last"], "Checkpoint of the tuned run.")
+_TOP_K = flags.DEFINE_integer("top_k", 3, "Classes to print per image.")
 
 
 def test_patterns(size: Tuple[int, int]) -> Dict[str, np.ndarray]:
@@ -53,48 +46,51 @@ def read_image(path: str, size: Tuple[int, int]) -> np.ndarray:
   """An image file -> HxWx3 float32 in [-1, 1], resized (bilinear) to the model's size."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config predict.images: no such file {path!r}")
+    raise FileNotFoundError(f"image file {path!r} not found")
   try:
     with Image.open(path) as im:
       im = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
       arr = np.asarray(im, np.float32)
   except OSError as e:
-    raise ValueError(f"config predict.images: cannot read {path!r} as an image ({e})") from e
+    raise ValueError(f"cannot read {path!r} as an image ({e})") from e
   return arr / 127.5 - 1.0
 
 
-def predict(config: ml_collections.ConfigDict) -> List[Tuple[str, List[Tuple[int, float]]]]:
-  """(image name, [(class, probability)] * top_k) for every image of the config."""
-  model, variables = load_backbone(config.model)
+def predict(model, variables, image_files: Sequence[str] = (), top_k: int = 3,
+            batch_size: int = 32) -> List[Tuple[str, List[Tuple[int, float]]]]:
+  """(image name, [(class, probability)] * top_k) for each file, or for the test patterns."""
   if not model.num_classes:
-    raise ValueError(f"{config.model.checkpoint} has no classification head; set "
-                     "config.model.num_classes to attach one")
+    raise ValueError("this model has no classification head")
   size = tuple(model.image_size)
-  names = [p for p in config.predict.images.split(",") if p]
-  images = {n: read_image(n, size) for n in names} if names else test_patterns(size)
+  images = ({n: read_image(n, size) for n in image_files} if image_files
+            else test_patterns(size))
   apply = jax.jit(model.apply)
-  keys, batch = list(images), config.predict.batch_size
+  keys = list(images)
   out = []
-  for i in range(0, len(keys), batch):
-    chunk = keys[i:i + batch]
+  for i in range(0, len(keys), batch_size):
+    chunk = keys[i:i + batch_size]
     probs = np.asarray(jax.nn.softmax(apply(variables, np.stack([images[k] for k in chunk]))))
     for name, p in zip(chunk, probs):
-      top = np.argsort(-p)[:config.predict.top_k]
+      top = np.argsort(-p)[:top_k]
       out.append((name, [(int(c), float(p[c])) for c in top]))
   return out
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; images go in --config.predict.images")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-  arch = checkpoints.inspect(config.model.checkpoint)
-  print(f"checkpoint {config.model.checkpoint}: ViT patch {arch.patch_size}, width {arch.width}, "
-        f"depth {arch.depth}, {arch.num_heads} heads, pool '{arch.pool_type}', "
-        f"{arch.num_classes} classes, trained at {arch.image_size[0]}x{arch.image_size[1]}")
-  for name, top in predict(config):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+    raise app.UsageError("give exactly one of --workdir (a tuned run) or --checkpoint")
+  if _WORKDIR.value:
+    from vpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    model, variables = checkpointing.load_tuned(_WORKDIR.value, which=_WHICH.value)
+    print(f"tuned run {_WORKDIR.value} ({_WHICH.value} checkpoint)")
+  else:
+    model, variables = checkpoints.load_pretrained(_CHECKPOINT.value)
+    print(f"checkpoint {_CHECKPOINT.value}")
+  print(f"ViT patch {tuple(model.patch_size)}, width {model.width}, depth {model.depth}, "
+        f"{model.num_classes} classes, input {model.image_size[0]}x{model.image_size[1]}")
+  for name, top in predict(model, variables, argv[1:], _TOP_K.value):
     print(f"{name}: " + ", ".join(f"class {c} ({p:.3f})" for c, p in top))
   sys.stdout.flush()
 

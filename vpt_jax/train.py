@@ -9,13 +9,17 @@ gradients (global norm for logging, clipping, the optimizer) sees the trainable 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import time
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from vpt_jax import partition
@@ -141,3 +145,184 @@ def make_eval_step(model: Any) -> Callable:
     return {"loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
             "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
   return eval_step
+
+
+# ------------------------------------------------------------------------------------------------
+# The training run.
+
+
+def _mesh_shardings():
+  """A 1-D device mesh over every device of every host: batch split, parameters replicated."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return replicated, batch
+
+
+def _to_global(local: Mapping[str, np.ndarray], sharding) -> Dict[str, jax.Array]:
+  """This host's rows of a global batch -> a global array sharded over all devices."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def evaluate(eval_step: Callable, trainable: Tree, frozen: Tree, pipe, sharding) -> Dict[str, float]:
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  for batch in pipe.eval_batches():
+    out = jax.device_get(eval_step(trainable, frozen, _to_global(batch, sharding)))
+    for k in totals:
+      totals[k] += float(out[k])
+  return {"top1": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"],
+          "count": totals["count"]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains what the config's rule selects, evaluates, checkpoints; returns the results dict.
+
+  Restarted with the same config and workdir, a run continues from its last checkpoint and ends
+  with bit-identical trainable parameters (the input order is a function of seed and step).
+  """
+  # pylint: disable=g-import-not-at-top; these pull in TensorFlow and orbax, the steps do not.
+  from vpt_jax import builder, checkpointing
+  from vpt_jax.data import pipeline, sources
+  from vpt_jax.metrics import MetricWriter, Progress
+  t_start = time.time()
+  lead = jax.process_index() == 0
+  say = (lambda *a: print(*a, flush=True)) if lead else (lambda *a: None)
+
+  # Everything is checked before any compute.
+  config = ml_collections.ConfigDict(config.to_dict())
+  builder.check_config(config)
+  pipeline.make_preprocess(config.data, 1, train=True)  # data options, before the backbone loads
+  if not config.model.num_classes:
+    config.model.num_classes = sources.num_classes(config.data)
+  built = builder.build(config)
+  model = built.model
+  image_size = model.image_size[0]
+  if model.image_size[0] != model.image_size[1]:
+    raise ValueError(f"the input pipeline makes square images; model image_size is "
+                     f"{tuple(model.image_size)}")
+  pre_train = pipeline.make_preprocess(config.data, image_size, train=True)
+  pre_eval = pipeline.make_preprocess(config.data, image_size, train=False)
+  d = config.data
+  names = [n for n in (d.train_split, d.val_split, d.test_split) if n]
+  if not d.train_split:
+    raise ValueError("config data.train_split is empty")
+  splits = sources.load_splits(d, list(dict.fromkeys(names)))
+  pipe_kw = dict(batch_size=config.batch_size, seed=config.seed,
+                 process_index=jax.process_index(), process_count=jax.process_count())
+  train_pipe = pipeline.Pipeline(splits[d.train_split], pre_train, **pipe_kw)
+  eval_pipes = {name: pipeline.Pipeline(splits[s], pre_eval, **pipe_kw)
+                for name, s in (("val", d.val_split), ("test", d.test_split)) if s}
+  spe = train_pipe.steps_per_epoch
+  if spe == 0:
+    raise ValueError(f"config batch_size={config.batch_size} is larger than the training split "
+                     f"{d.train_split!r} ({len(splits[d.train_split])} examples)")
+  total = int(config.optim.epochs * spe)
+
+  replicated, batch_sharding = _mesh_shardings()
+  trainable, frozen = partition.split(built.variables, built.mask)
+  frozen = jax.device_put(frozen, replicated)
+  tx, schedule = make_optimizer(config.optim, spe)
+  state = jax.device_put(
+      create_train_state(trainable, tx, jax.random.PRNGKey(config.seed)), replicated)
+  ckpt = checkpointing.Checkpointer(workdir, built.fingerprint(), keep=config.keep_checkpoints)
+  restored = ckpt.restore(state)
+  if restored is not None:
+    state = jax.device_put(restored, replicated)
+    say(f"resuming from {workdir}/checkpoints/last at step {int(state.step)}")
+  if lead:
+    checkpointing.write_config(workdir, config)
+  report = partition.param_report(built.variables, built.mask)
+  say(f"model: {model.depth} layers, width {model.width}, {config.model.num_classes} classes; "
+      f"protocol {config.protocol}: {report['trainable']:,} trainable parameters "
+      f"({report['trainable_percent_of_backbone']:.3f}% of the {report['backbone']:,} backbone); "
+      f"{len(splits[d.train_split])} training examples, {spe} steps/epoch, {total} steps")
+
+  train_step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=(0,),
+                       in_shardings=(replicated, replicated, batch_sharding),
+                       out_shardings=(replicated, replicated))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(replicated, replicated, batch_sharding),
+                      out_shardings=replicated)
+  writer = MetricWriter(workdir, enabled=lead)
+  start = int(state.step)
+  progress = Progress(total, spe, config.batch_size, start, enabled=lead)
+  sums: Dict[str, float] = {}
+  best_val = None
+  last_good = ckpt.latest_step()
+
+  def check(step: int, metrics) -> None:
+    host = jax.device_get(metrics)
+    if not np.isfinite(host["loss"]):
+      ckpt.wait()
+      raise FloatingPointError(
+          f"loss is {host['loss']} at step {step} (epoch {(step - 1) // spe + 1}); stopping. "
+          + (f"The last good checkpoint (step {last_good}) is in {workdir}/checkpoints/last."
+             if last_good is not None else "No checkpoint had been saved yet.")
+          + " Lower optim.lr or check the data.")
+    for k, v in host.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    sums["_n"] = sums.get("_n", 0.0) + 1
+
+  pending = None
+  batches = train_pipe.train_batches(start)
+  try:
+    for step in range(start, total):
+      state, metrics = train_step(state, frozen, _to_global(next(batches), batch_sharding))
+      if pending is not None:
+        check(*pending)  # checked one step late, so the host never stalls the device
+      pending = (step + 1, metrics)
+      s = step + 1
+      epoch_end = s % spe == 0
+      save_now = (epoch_end if not config.checkpoint_every_steps
+                  else s % config.checkpoint_every_steps == 0) or s == total
+      if s % config.log_every_steps == 0 or epoch_end or save_now:
+        check(*pending)
+        pending = None
+      if s == start + 1:
+        progress.restart_clock(s)  # the first step includes compilation
+      if (s % config.log_every_steps == 0 or s == total) and sums.get("_n"):
+        means = {k: v / sums["_n"] for k, v in sums.items() if k != "_n"}
+        progress.line(s, means)
+        writer.write(s, {f"train/{k}": v for k, v in means.items()})
+        sums.clear()
+      val_top1 = None
+      every = config.eval_every_epochs
+      if "val" in eval_pipes and epoch_end and every and (s // spe) % every == 0:
+        val = evaluate(eval_step, state.trainable, frozen, eval_pipes["val"], batch_sharding)
+        val_top1 = val["top1"]
+        best_val = val_top1 if best_val is None else max(best_val, val_top1)
+        writer.write(s, {"val/top1": val["top1"], "val/loss": val["loss"]})
+        say(f"step {s}: validation top-1 {val['top1']:.4f} (loss {val['loss']:.4f})")
+        progress.restart_clock(s)
+      if save_now or val_top1 is not None:
+        ckpt.save(state, val_top1)
+        last_good = s
+    if pending is not None:
+      check(*pending)
+    ckpt.wait()
+
+    results: Dict[str, Any] = {}
+    for name, pipe in eval_pipes.items():
+      r = evaluate(eval_step, state.trainable, frozen, pipe, batch_sharding)
+      results[f"{name}_top1"] = r["top1"]
+      results[f"{name}_loss"] = r["loss"]
+      writer.write(total, {f"{name}/top1": r["top1"], f"{name}/loss": r["loss"]})
+    results.update({
+        "best_val_top1": best_val,
+        "trainable_params": report["trainable"],
+        "trainable_percent_of_backbone": report["trainable_percent_of_backbone"],
+        "backbone_params": report["backbone"],
+        "per_task_multiple": report["per_task_multiple"],
+        "steps": total, "epochs": config.optim.epochs,
+        "devices": jax.device_count(), "hosts": jax.process_count(),
+        "wall_time_s": time.time() - t_start,
+        "config": config.to_dict(),
+    })
+    if lead:
+      with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+      say("results: " + ", ".join(f"{k} {results[k]:.4f}" for k in ("val_top1", "test_top1")
+                                  if k in results))
+    return results
+  finally:
+    writer.close()
+    ckpt.close()

@@ -210,7 +210,7 @@ class VPT(EncoderHooks):
     return x[:, k:]  # 'all'
 
 
-def _check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> None:
+def check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> None:
   known = set(default_config())
   unknown = sorted(set(cfg) - known)
   if unknown:
@@ -252,7 +252,7 @@ def _check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> N
 
 def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict) -> VisionTransformer:
   """`model` with VPT prompts plugged into its encoder (a clone; the original is unchanged)."""
-  _check_config(cfg, model)
+  check_config(cfg, model)
   if model.hooks is not None:
     raise ValueError("this model already has encoder hooks attached")
   layers = prompted_layers(model.depth, deep=cfg.deep, depth=cfg.depth, reverse=cfg.reverse)

@@ -1,0 +1,198 @@
+"""The training system end to end: demo config, resume after kill -9, 8 devices, refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from conftest import ROOT
+from vpt_jax import checkpointing, partition, sweep, train
+from vpt_jax.data import pipeline, sources
+
+# Small, fast settings on the shipped random tiny ViT (the real demo uses `demo-vit`).
+FAST = "model.checkpoint=tiny-random,optim.epochs=2,optim.warmup_epochs=0,eval_every_epochs=1," \
+       "log_every_steps=6"
+
+
+def cfg(arm="vpt-deep", extra=""):
+  return demo.get_config(",".join(x for x in (arm, FAST, extra) if x))
+
+
+def cli(workdir, arg, *, env=None, popen=False):
+  cmd = [sys.executable, "-m", "vpt_jax.main", f"--config=configs/demo.py:{arg}",
+         f"--workdir={workdir}"]
+  env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+  if popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_trainable(workdir):
+  model, variables = checkpointing.load_tuned(str(workdir), which="last")
+  config = checkpointing.read_config(str(workdir))
+  mask = partition.label(variables, partition.protocol_patterns(config.protocol))
+  return partition.split(variables, mask)[0]
+
+
+def test_demo_config_end_to_end(tmp_path, capsys):
+  wd = str(tmp_path / "run")
+  results = train.train_and_evaluate(cfg(), wd)
+  out = capsys.readouterr().out
+  assert "img/s" in out and "ETA" in out and "validation top-1" in out
+  for key in ("val_top1", "test_top1", "trainable_params", "trainable_percent_of_backbone",
+              "config", "wall_time_s"):
+    assert key in results
+  assert results["steps"] == 2 * 12 and results["trainable_params"] == 2 * 8 * 64 + 64 * 10 + 10
+  with open(os.path.join(wd, "results.json")) as f:
+    assert json.load(f)["test_top1"] == results["test_top1"]
+  records = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert any("train/loss" in r for r in records) and any("val/top1" in r for r in records)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
+  assert os.listdir(os.path.join(wd, "checkpoints", "best"))
+
+  # The saved prompts + the public backbone predict exactly like the trained model.
+  model, variables = checkpointing.load_tuned(wd, which="last")
+  config = checkpointing.read_config(wd)
+  test = sources.load_splits(config.data, ["test"])["test"]
+  pipe = pipeline.Pipeline(test, pipeline.make_preprocess(config.data, 32, False),
+                           batch_size=64, seed=0)
+  correct = n = 0
+  apply = jax.jit(model.apply)
+  for b in pipe.eval_batches():
+    pred = np.argmax(apply(variables, b["image"]), -1)
+    correct += float(((pred == b["label"]) * b["mask"]).sum())
+    n += float(b["mask"].sum())
+  assert correct / n == pytest.approx(results["test_top1"], abs=1e-9)
+
+
+def _finished_steps(workdir):
+  d = os.path.join(workdir, "checkpoints", "last")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+RESUME = f"vpt-deep,{FAST},optim.epochs=6,checkpoint_every_steps=4"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run of the RESUME config."""
+  wd = str(tmp_path_factory.mktemp("reference"))
+  out = cli(wd, RESUME)
+  assert out.returncode == 0, out.stdout + out.stderr
+  return wd
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, reference):
+  wd = str(tmp_path / "killed")
+  proc = cli(wd, RESUME, popen=True)
+  deadline = time.time() + 300
+  while not _finished_steps(wd) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(wd, "results.json")), "the run ended before the kill"
+  killed_at = _finished_steps(wd)[-1]
+  assert 0 < killed_at < 72
+  out = cli(wd, RESUME)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert f"resuming from {wd}/checkpoints/last at step" in out.stdout
+  ours, ref = final_trainable(wd), final_trainable(reference)
+  for path, a, b in zip(partition.leaf_paths(ours), jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(a, b, err_msg=path)
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  """The trainer's data-parallel steps (batch split over 8 devices) equal one device's.
+
+  Two steps of batch 400, compared to rounding: over many high-lr steps SGD amplifies the
+  different summation order of the gradient all-reduce, so a long run would not be comparable.
+  """
+  arg = f"vpt-deep,{FAST},optim.epochs=1,batch_size=400"
+  runs = {}
+  for n in (1, 8):
+    wd = str(tmp_path / f"devices{n}")
+    out = cli(wd, arg, env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    with open(os.path.join(wd, "results.json")) as f:
+      assert json.load(f)["devices"] == n
+    runs[n] = final_trainable(wd)
+  ref = runs[1]
+  for path, a, b in zip(partition.leaf_paths(runs[8]), jax.tree.leaves(runs[8]),
+                        jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6, err_msg=path)
+  assert any(np.abs(np.asarray(x)).max() > 1e-3 for x in jax.tree.leaves(ref))
+
+
+def test_restoring_onto_another_backbone_is_refused(tmp_path):
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(cfg(extra="optim.epochs=1"), wd)
+  # Same architecture, one weight changed: a different backbone.
+  from vpt_jax import zoo
+  with np.load(zoo.url_for("tiny-random")) as f:
+    raw = {k: f[k] for k in f.files}
+  raw["cls"] = raw["cls"] + 1.0
+  other = str(tmp_path / "other.npz")
+  np.savez(other, **raw)
+  with pytest.raises(checkpointing.FingerprintMismatch, match=r"backbone_sha256"):
+    train.train_and_evaluate(cfg(extra=f"optim.epochs=1,model.checkpoint={other}"), wd)
+  with pytest.raises(checkpointing.FingerprintMismatch, match=r"prompt_hooks.length: saved 8, now 4"):
+    train.train_and_evaluate(cfg(extra="optim.epochs=1,prompt.length=4"), wd)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  wd = str(tmp_path / "run")
+  bad = cfg(extra="optim.lr=1e30,optim.momentum=0.0,checkpoint_every_steps=1,optim.epochs=3")
+  with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+") as e:
+    train.train_and_evaluate(bad, wd)
+  steps = _finished_steps(wd)
+  assert steps and f"last good checkpoint (step {steps[-1]})" in str(e.value)
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+  model, variables = checkpointing.load_tuned(wd, which="last")
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize("extra,error,match", [
+    ("prompt.length=-1", ValueError, r"prompt.length=-1"),
+    ("prompt.pool=mean", ValueError, r"prompt.pool='mean'"),
+    ("model.checkpoint=/no/such.npz", FileNotFoundError, r"/no/such.npz"),
+    ("batch_size=0", ValueError, r"batch_size=0"),
+    ("optim.name=lamb", ValueError, r"optim.name='lamb'"),
+    ("data.crop=zoom", ValueError, r"data.crop='zoom'"),
+    ("protocol=lora", ValueError, r"unknown protocol 'lora'"),
+])
+def test_bad_options_fail_before_any_compute(tmp_path, extra, error, match):
+  wd = tmp_path / "run"
+  with pytest.raises(error, match=match):
+    train.train_and_evaluate(cfg(extra=extra), str(wd))
+  assert not wd.exists() or not any(wd.iterdir())
+
+
+def test_unknown_options_on_the_command_line(tmp_path):
+  with pytest.raises(ValueError, match=r"unknown option 'prompt.lenght'"):
+    demo.get_config("vpt-deep,prompt.lenght=3")
+  with pytest.raises(ValueError, match=r"expected one of vpt-deep"):
+    demo.get_config("vpt-dep")
+  out = subprocess.run(
+      [sys.executable, "-m", "vpt_jax.main", "--config=configs/demo.py:vpt-deep",
+       f"--workdir={tmp_path}", "--config.prompt.lenght=3"],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "lenght" in out.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_sweep_runs_every_arm_and_prints_a_table(tmp_path, capsys):
+  rows = sweep.run(os.path.join(ROOT, "configs", "demo.py"), str(tmp_path),
+                   arms=[f"linear,{FAST},optim.epochs=1", f"vpt-shallow,{FAST},optim.epochs=1"])
+  table = capsys.readouterr().out.split("=== vpt-shallow")[-1]
+  assert [r["config"]["protocol"] for r in rows] == ["linear", "vpt"]
+  lines = [l for l in table.splitlines() if l.startswith(("linear", "vpt-shallow"))]
+  assert len(lines) == 2 and f"{rows[0]['trainable_params']:,}" in lines[0]
+  assert f"{100 * rows[1]['test_top1']:.1f}" in lines[1]

@@ -1,0 +1,146 @@
+"""Orbax checkpoints of what trains, never of the frozen backbone; and `load_tuned`.
+
+Layout of a workdir:
+
+    config.json              the resolved config of the run
+    checkpoints/last/<step>/ the last `keep_checkpoints` states (trainable tree, optimizer, step, RNG)
+    checkpoints/best/<step>/ the state with the best validation top-1
+    each with meta/ holding the backbone fingerprint (file sha256 + model config + trainable shapes)
+
+A checkpoint restores only onto the backbone and model it was made with: anything else is refused
+with the list of what differs. A prompt checkpoint plus the public backbone is a complete model:
+`load_tuned(workdir)` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vpt_jax import builder, partition, train
+
+CONFIG_FILE = "config.json"
+
+
+class FingerprintMismatch(ValueError):
+  """A checkpoint was made on another backbone or model than the one it is restored onto."""
+
+
+def _state_tree(state: train.TrainState) -> Dict[str, Any]:
+  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
+          "rng": state.rng}
+
+
+class Checkpointer:
+  """The 'last' and 'best' orbax managers of a workdir, checked against a fingerprint."""
+
+  def __init__(self, workdir: str, fingerprint: Dict[str, Any], keep: int = 3):
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.fingerprint = fingerprint
+    self.last = ocp.CheckpointManager(
+        os.path.join(root, "last"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.best = ocp.CheckpointManager(
+        os.path.join(root, "best"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             best_fn=lambda m: m["val_top1"], best_mode="max"))
+
+  def _args(self, state: train.TrainState):
+    return ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
+                              meta=ocp.args.JsonSave({"fingerprint": self.fingerprint}))
+
+  def save(self, state: train.TrainState, val_top1: Optional[float] = None) -> None:
+    step = int(state.step)
+    self.last.save(step, args=self._args(state), force=True)
+    if val_top1 is not None:
+      self.best.save(step, args=self._args(state), metrics={"val_top1": float(val_top1)},
+                     force=True)
+
+  def latest_step(self) -> Optional[int]:
+    return self.last.latest_step()
+
+  def restore(self, abstract_state: train.TrainState, *, which: str = "last",
+              step: Optional[int] = None) -> Optional[train.TrainState]:
+    """The saved state (on the shardings of `abstract_state`), or None if there is none."""
+    mngr = self.last if which == "last" else self.best
+    step = step if step is not None else (
+        mngr.latest_step() if which == "last" else mngr.best_step())
+    if step is None:
+      return None
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    check_fingerprint(meta["fingerprint"], self.fingerprint, where=f"{mngr.directory}/{step}")
+    # Restore onto the shardings of the abstract state (or replicated over this process's devices),
+    # never onto the saved ones: a run may resume on another number of devices.
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)), jax.sharding.PartitionSpec())
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, "sharding", None) or replicated),
+        _state_tree(abstract_state))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target))).state
+    return train.TrainState(**restored)
+
+  def wait(self) -> None:
+    self.last.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.last.close()
+    self.best.close()
+
+
+def check_fingerprint(saved: Dict[str, Any], current: Dict[str, Any], *, where: str) -> None:
+  if saved != current:
+    diff = builder.describe_difference(saved, current)
+    raise FingerprintMismatch(
+        f"checkpoint {where} was made on a different backbone or model and cannot be restored "
+        f"onto this one:\n  " + "\n  ".join(diff[:10])
+        + ("\n  ..." if len(diff) > 10 else "")
+        + "\nUse a fresh workdir, or the backbone and model options the checkpoint was made with.")
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: not a vpt_jax workdir (run vpt_jax.main first)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_tuned(workdir: str, *, which: str = "best") -> Tuple[Any, Dict[str, Any]]:
+  """(model, variables) of a tuned run: its public backbone plus its saved trainable leaves.
+
+  which: 'best' (best validation top-1; falls back to 'last' if the run had no validation) or
+  'last'. `model.apply(variables, images)` then predicts like the trained model.
+  """
+  if which not in ("best", "last"):
+    raise ValueError(f"which={which!r}: 'best' or 'last'")
+  config = read_config(workdir)
+  built = builder.build(config)
+  trainable, frozen = partition.split(built.variables, built.mask)
+  tx, _ = train.make_optimizer(config.optim, steps_per_epoch=1)
+  abstract = jax.eval_shape(lambda t: train.create_train_state(t, tx, jax.random.PRNGKey(0)),
+                            trainable)
+  ckpt = Checkpointer(workdir, built.fingerprint())
+  try:
+    state = ckpt.restore(abstract, which=which)
+    if state is None and which == "best":
+      state = ckpt.restore(abstract, which="last")
+  finally:
+    ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"{workdir}: no checkpoint saved yet")
+  return built.model, partition.merge(state.trainable, frozen)

@@ -1,0 +1,1 @@
+"""Input data: sources, task tables and tf.data pipelines."""

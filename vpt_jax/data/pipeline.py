@@ -1,0 +1,133 @@
+"""tf.data pipelines over in-memory splits, in an order that is a function of (seed, step).
+
+Training: epoch e visits the examples in `permutation(seed, e)`; batch b of the run is
+fixed by its global step, and random augmentation draws from stateless ops seeded by
+(seed, global example position). Restarting at step s therefore replays exactly the batches an
+uninterrupted run would have seen from s on. Decoding and resizing run in parallel in tf.data;
+batches are prefetched. With several hosts, each one produces only its rows of every global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from vpt_jax.data.sources import Split
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROPS = ("resize", "resize_crop")
+NORMALIZATIONS = ("minus_one_one", "imagenet")
+
+
+def make_preprocess(cfg: ml_collections.ConfigDict, image_size: int, train: bool) -> Callable:
+  """(image uint8 or encoded bytes, seed (2,) int) -> float32 (S, S, 3) model input."""
+  if cfg.crop not in CROPS:
+    raise ValueError(f"config data.crop={cfg.crop!r}: expected one of {CROPS}")
+  if cfg.normalization not in NORMALIZATIONS:
+    raise ValueError(f"config data.normalization={cfg.normalization!r}: expected one of "
+                     f"{NORMALIZATIONS}")
+  if cfg.crop == "resize_crop" and cfg.resize_size < image_size:
+    raise ValueError(f"config data.resize_size={cfg.resize_size} is smaller than the crop "
+                     f"{image_size}")
+
+  def preprocess(image, seed):
+    if image.dtype == tf.string:
+      image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    if image.shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    image = tf.cast(image, tf.float32)
+    if cfg.crop == "resize":
+      image = tf.image.resize(image, (image_size, image_size), "bilinear")
+    else:
+      shape = tf.cast(tf.shape(image)[:2], tf.float32)
+      scale = cfg.resize_size / tf.reduce_min(shape)
+      new = tf.cast(tf.round(shape * scale), tf.int32)
+      image = tf.image.resize(image, new, "bilinear")
+      if train:
+        image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), seed)
+        image = tf.image.stateless_random_flip_left_right(image, seed + 1)
+      else:
+        top = (new[0] - image_size) // 2
+        left = (new[1] - image_size) // 2
+        image = image[top:top + image_size, left:left + image_size]
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    if cfg.normalization == "minus_one_one":
+      return image / 127.5 - 1.0
+    return (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  return preprocess
+
+
+class Pipeline:
+  """Batches of one split: `train_batches(start_step)` (endless) or `eval_batches()` (one pass).
+
+  batch_size is the global batch; this process yields rows
+  [process_index * local, (process_index + 1) * local) of each global batch.
+  """
+
+  def __init__(self, split: Split, preprocess: Callable, *, batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise ValueError(f"batch size {batch_size} is not divisible by {process_count} hosts")
+    self.split = split
+    self.preprocess = preprocess
+    self.batch_size = batch_size
+    self.local = batch_size // process_count
+    self.offset = process_index * self.local
+    self.seed = seed
+    self._images = tf.constant(split.images) if not split.encoded else tf.constant(
+        list(split.images), tf.string)
+    self._labels = tf.constant(split.labels, tf.int32)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return len(self.split) // self.batch_size
+
+  def _dataset(self, index: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> tf.data.Dataset:
+    images, labels, seed = self._images, self._labels, self.seed
+
+    def load(i, pos, m):
+      s = tf.stack([tf.constant(seed, tf.int64), tf.cast(pos, tf.int64)])
+      return {"image": self.preprocess(tf.gather(images, i), s), "label": tf.gather(labels, i),
+              "mask": m}
+    ds = tf.data.Dataset.from_tensor_slices((index, positions, mask))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(self.local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  def _local_rows(self, a: np.ndarray) -> np.ndarray:
+    """Rows of a (steps * global batch) array that belong to this process, in order."""
+    a = a.reshape(-1, self.batch_size)[:, self.offset:self.offset + self.local]
+    return a.reshape(-1)
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+
+  def train_batches(self, start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+    spe = self.steps_per_epoch
+    if spe == 0:
+      raise ValueError(f"batch size {self.batch_size} is larger than the training split "
+                       f"({len(self.split)} examples)")
+    epoch, skip = divmod(start_step, spe)
+    while True:
+      order = self.epoch_order(epoch)[skip * self.batch_size:spe * self.batch_size]
+      positions = epoch * len(self.split) + np.arange(skip * self.batch_size,
+                                                      spe * self.batch_size)
+      index = self._local_rows(order)
+      pos = self._local_rows(positions)
+      ds = self._dataset(index, pos, np.ones(len(index), np.float32))
+      for batch in ds.as_numpy_iterator():
+        yield {k: v for k, v in batch.items() if k != "mask"}
+      epoch, skip = epoch + 1, 0
+
+  def eval_batches(self) -> Iterator[Dict[str, np.ndarray]]:
+    """One pass in order; the last global batch is padded and carries mask 0 on the padding."""
+    n = len(self.split)
+    padded = -(-n // self.batch_size) * self.batch_size
+    index = np.arange(padded) % n
+    mask = (np.arange(padded) < n).astype(np.float32)
+    ds = self._dataset(self._local_rows(index), self._local_rows(np.arange(padded)),
+                       self._local_rows(mask))
+    yield from ds.as_numpy_iterator()

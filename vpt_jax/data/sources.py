@@ -1,0 +1,124 @@
+"""Where examples come from: each source returns whole splits held in memory.
+
+The transfer sets VPT is run on are small (VTAB-1k: 1000 training images; FGVC: a few thousand),
+so splits are read once into memory, images kept encoded (bytes) or as uint8 arrays; the tf.data
+pipeline (`vpt_jax.data.pipeline`) decodes, resizes and batches them in an order that is a pure
+function of (seed, step), which is what makes an interrupted run resume bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, Sequence
+
+import ml_collections
+import numpy as np
+
+# The 1797 scikit-learn digits split in the spirit of VTAB-1k: a fixed permutation, the first 1000
+# for training (800 train + 200 validation), the remaining 797 for test.
+DIGITS_SPLITS = {"train800": (0, 800), "val200": (800, 1000), "train800val200": (0, 1000),
+                 "test": (1000, None)}
+
+
+@dataclasses.dataclass
+class Split:
+  """One split in memory: images as uint8 (n, H, W, C) or an object array of encoded bytes."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  @property
+  def encoded(self) -> bool:
+    return self.images.dtype == object
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `data` section of a config.
+
+  source: 'digits' (scikit-learn's handwritten digits, shipped with scikit-learn: offline) or
+    'tfds' (a tensorflow-datasets builder).
+  name, data_dir: the tfds builder (with version, e.g. 'cifar100:3.*.*') and its data directory
+    ('' = tfds' default, ~/tensorflow_datasets).
+  train_split, val_split, test_split: split names (digits: train800, val200, train800val200,
+    test) or tfds split strings (e.g. 'train[:800]').
+  num_classes: 0 = read from the source.
+  image_key, label_key: feature names in the tfds examples.
+  crop: 'resize' (straight to image_size, no augmentation: VTAB) or 'resize_crop' (shorter side
+    to resize_size, random crop + flip for training, central crop for evaluation: FGVC).
+  normalization: 'minus_one_one' (the range the ViT checkpoints were trained on) or 'imagenet'
+    (mean/std, what the official VPT code fed them).
+  """
+  return ml_collections.ConfigDict(dict(
+      source="digits", name="", data_dir="", train_split="train800", val_split="val200",
+      test_split="test", num_classes=0, image_key="image", label_key="label",
+      crop="resize", resize_size=256, normalization="minus_one_one"))
+
+
+def _digits(split: str) -> Split:
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  if split not in DIGITS_SPLITS:
+    raise ValueError(f"config data split {split!r}: the digits source has "
+                     f"{', '.join(DIGITS_SPLITS)}")
+  d = load_digits()
+  order = np.random.default_rng(0).permutation(len(d.target))
+  lo, hi = DIGITS_SPLITS[split]
+  idx = order[lo:hi]
+  images = np.round(d.images[idx] * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (n, 8, 8, 1)
+  return Split(images, d.target[idx].astype(np.int32))
+
+
+def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = cfg.data_dir or None
+  try:
+    ds = tfds.load(cfg.name, split=split, data_dir=data_dir, download=False,
+                   decoders={cfg.image_key: tfds.decode.SkipDecoding()})
+  except Exception as e:  # tfds raises several types for a missing dataset or split.
+    where = data_dir or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    raise FileNotFoundError(
+        f"config data.name={cfg.name!r} split {split!r}: not available in {where} "
+        f"({type(e).__name__}: {e}). Prepare it first, e.g. `tfds build {cfg.name.split(':')[0]}`"
+        " (some datasets need a manual download), or set config.data.data_dir") from e
+  images, labels = [], []
+  for ex in tfds.as_numpy(ds):
+    images.append(ex[cfg.image_key])
+    labels.append(ex[cfg.label_key])
+  if not labels:
+    raise ValueError(f"config data.name={cfg.name!r} split {split!r} is empty")
+  return Split(np.array(images, dtype=object), np.asarray(labels, np.int32))
+
+
+def num_classes(cfg: ml_collections.ConfigDict) -> int:
+  if cfg.num_classes:
+    return cfg.num_classes
+  if cfg.source == "digits":
+    return 10
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir or None)
+    return builder.info.features[cfg.label_key].num_classes
+  except Exception as e:
+    raise FileNotFoundError(f"config data.name={cfg.name!r}: cannot read the number of classes "
+                            f"({type(e).__name__}: {e}); set config.data.num_classes") from e
+
+
+def load_splits(cfg: ml_collections.ConfigDict, names: Sequence[str]) -> Dict[str, Split]:
+  """The named splits (e.g. cfg.train_split) of the configured source, checked."""
+  if cfg.source not in ("digits", "tfds"):
+    raise ValueError(f"config data.source={cfg.source!r}: expected 'digits' or 'tfds'")
+  out = {}
+  n_classes = num_classes(cfg)
+  for name in names:
+    split = _digits(name) if cfg.source == "digits" else _tfds(cfg, name)
+    if not len(split):
+      raise ValueError(f"config data split {name!r} is empty")
+    bad = (split.labels < 0) | (split.labels >= n_classes)
+    if bad.any():
+      raise ValueError(f"config data split {name!r}: label {split.labels[bad][0]} is outside "
+                       f"0..{n_classes - 1} (num_classes={n_classes})")
+    out[name] = split
+  return out

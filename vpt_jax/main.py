@@ -1,0 +1,40 @@
+"""Train and evaluate one configuration.
+
+    python -m vpt_jax.main --config=configs/vtab.py:cifar100 --workdir=/tmp/cifar100 \\
+        --config.prompt.length=10 --config.optim.lr=0.25
+
+Re-running the same command continues an interrupted run from its last checkpoint. Commands run
+from the repository root (configs are imported as the `configs` package).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with an argument: configs/vtab.py:cifar100.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods and "
+    "GPU clusters); each host then feeds its own share of every batch.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # tf.data only; leave accelerators to JAX.
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from vpt_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

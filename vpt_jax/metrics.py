@@ -1,0 +1,71 @@
+"""Where a run's numbers go: a JSONL file, TensorBoard event files and a progress line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+
+class MetricWriter:
+  """Appends {step, **metrics} records to workdir/metrics.jsonl and TensorBoard's workdir/tb.
+
+  Only process 0 of a multi-host run writes.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: Dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    with self._tb.as_default():
+      for k, v in metrics.items():
+        self._tf.summary.scalar(k, float(v), step=int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """A one-line status: step, epoch, loss, throughput and ETA."""
+
+  def __init__(self, total_steps: int, steps_per_epoch: int, batch_size: int, start_step: int,
+               enabled: bool = True):
+    self.total, self.spe, self.batch = total_steps, steps_per_epoch, batch_size
+    self.enabled = enabled
+    self._t0, self._s0 = time.perf_counter(), start_step
+
+  def restart_clock(self, step: int) -> None:
+    """Excludes compilation and evaluation from the throughput estimate."""
+    self._t0, self._s0 = time.perf_counter(), step
+
+  def line(self, step: int, metrics: Dict[str, float]) -> Optional[str]:
+    if not self.enabled:
+      return None
+    dt = time.perf_counter() - self._t0
+    done = step - self._s0
+    rate = done / dt if dt > 0 and done > 0 else 0.0
+    eta = (self.total - step) / rate if rate else float("nan")
+    eta_s = "?" if eta != eta else time.strftime("%H:%M:%S", time.gmtime(eta))
+    parts = [f"step {step}/{self.total}", f"epoch {(step - 1) // self.spe + 1}/{self.total // self.spe}"]
+    parts += [f"{k} {v:.4g}" for k, v in metrics.items()]
+    parts += [f"{rate * self.batch:.1f} img/s", f"ETA {eta_s}"]
+    text = " | ".join(parts)
+    print(text, flush=True, file=sys.stdout)
+    return text
