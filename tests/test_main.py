@@ -196,3 +196,15 @@ def test_sweep_runs_every_arm_and_prints_a_table(tmp_path, capsys):
   lines = [l for l in table.splitlines() if l.startswith(("linear", "vpt-shallow"))]
   assert len(lines) == 2 and f"{rows[0]['trainable_params']:,}" in lines[0]
   assert f"{100 * rows[1]['test_top1']:.1f}" in lines[1]
+
+
+def test_vtab_config_through_tfds(tmp_path):
+  """configs/vtab.py end to end on tfds' mock data (random examples with cifar100's features)."""
+  import tensorflow_datasets as tfds
+  from configs import vtab
+  c = vtab.get_config("cifar100,model.checkpoint=tiny-random,model.image_size=0,batch_size=10,"
+                      "optim.epochs=1,optim.warmup_epochs=0,log_every_steps=1")
+  with tfds.testing.mock_data(num_examples=30):
+    results = train.train_and_evaluate(c, str(tmp_path))
+  assert results["steps"] == 3 and results["config"]["model"]["num_classes"] == 100
+  assert 0.0 <= results["test_top1"] <= 1.0 and "val_top1" in results

@@ -1,0 +1,47 @@
+"""Every config file builds, its argument form works, and bad arguments are named."""
+
+import pytest
+
+from configs import common, demo, fgvc, vtab
+
+
+@pytest.mark.parametrize("task", sorted(vtab.TASKS))
+def test_vtab_tasks(task):
+  c = vtab.get_config(task)
+  name, train800, val200, test, classes, label_key = vtab.TASKS[task]
+  assert (c.data.name, c.data.train_split, c.data.val_split, c.data.test_split) == (
+      name, train800, val200, test)
+  assert c.data.num_classes == classes and c.data.label_key == label_key
+  final = vtab.get_config(f"{task},final")
+  assert final.data.train_split == f"{train800}+{val200}" and final.data.val_split == ""
+
+
+def test_paper_defaults_and_overrides():
+  c = vtab.get_config("cifar100,optim.lr=0.25,prompt.length=10,prompt.deep=false,seed=42")
+  assert (c.batch_size, c.optim.name, c.optim.momentum) == (128, "sgd", 0.9)
+  assert (c.optim.warmup_epochs, c.optim.epochs) == (10, 100)
+  assert c.optim.lr == 0.25 and c.prompt.length == 10 and c.prompt.deep is False and c.seed == 42
+  assert c.data.normalization == "minus_one_one" and c.model.drop_pre_logits
+
+
+@pytest.mark.parametrize("module,arg,match", [
+    (vtab, "cifar10", "expected a task"),
+    (vtab, "cifar100,optim.learning_rate=1", "unknown option 'optim.learning_rate'"),
+    (vtab, "cifar100,prompt.deep=maybe", "expected a boolean"),
+    (fgvc, "birds", "expected one of cub"),
+    (demo, "vpt", "expected one of vpt-deep"),
+])
+def test_bad_arguments_are_named(module, arg, match):
+  with pytest.raises(ValueError, match=match):
+    module.get_config(arg)
+
+
+def test_fgvc_preprocessing_and_official_lr():
+  c = fgvc.get_config("cub")
+  assert (c.data.crop, c.data.resize_size, c.model.image_size) == ("resize_crop", 256, 224)
+  assert c.optim.lr == pytest.approx(0.1 * 128 / 256) and c.optim.wd == 0.01
+  assert fgvc.get_config("flowers,final").data.train_split == "train+validation"
+
+
+def test_split_arg():
+  assert common.split_arg("a, final ,x.y=1") == (["a", "final"], ["x.y=1"])
