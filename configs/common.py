@@ -47,6 +47,18 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def tfds_vit_b16(name: str, num_classes: int, crop: str) -> ml_collections.ConfigDict:
+  """The paper's setting for a tensorflow-datasets task: ViT-B/16 (i21k) at 224px."""
+  c = get_config()
+  c.model.checkpoint = "vit-b16-i21k"
+  c.model.image_size = 224
+  c.data.source = "tfds"
+  c.data.name = name
+  c.data.num_classes = num_classes
+  c.data.crop = crop
+  return c
+
+
 def _parse_value(text: str, like):
   if isinstance(like, bool):
     if text.lower() not in ("true", "false", "1", "0"):

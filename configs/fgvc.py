@@ -29,13 +29,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if len(ds) != 1 or ds[0] not in DATASETS:
     raise ValueError(f"configs/fgvc.py argument {arg!r}: expected one of {', '.join(DATASETS)}")
   name, train_split, val_split, test, classes, lr, wd = DATASETS[ds[0]]
-  c = common.get_config()
-  c.model.checkpoint = "vit-b16-i21k"
-  c.model.image_size = 224
-  c.data.source = "tfds"
-  c.data.name = name
-  c.data.num_classes = classes
-  c.data.crop = "resize_crop"
+  c = common.tfds_vit_b16(name, classes, crop="resize_crop")
   c.data.resize_size = 256
   if "final" in names:
     c.data.train_split = "train+validation" if val_split == "validation" else "train"

@@ -56,14 +56,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if len(task) != 1 or task[0] not in TASKS:
     raise ValueError(f"configs/vtab.py argument {arg!r}: expected a task of {', '.join(TASKS)}")
   name, train800, val200, test, classes, label_key = TASKS[task[0]]
-  c = common.get_config()
-  c.model.checkpoint = "vit-b16-i21k"
-  c.model.image_size = 224
-  c.data.source = "tfds"
-  c.data.name = name
-  c.data.num_classes = classes
+  c = common.tfds_vit_b16(name, classes, crop="resize")  # VTAB: straight to 224, no augmentation
   c.data.label_key = label_key
-  c.data.crop = "resize"            # VTAB: straight to 224x224, no augmentation
   if "final" in names:
     c.data.train_split, c.data.val_split = f"{train800}+{val200}", ""
   else:
