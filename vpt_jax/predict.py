@@ -19,11 +19,15 @@ from absl import app, flags, logging
 
 from vpt_jax import checkpoints
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A tuned run's workdir (vpt_jax.main).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "A pretrained checkpoint: zoo name, .npz path or URL.")
-_WHICH = flags.DEFINE_enum("which", "best", ["best", "last"], "Checkpoint of the tuned run.")
-_TOP_K = flags.DEFINE_integer("top_k", 3, "Classes to print per image.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a command (so the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "A tuned run's workdir (vpt_jax.main).")
+  flags.DEFINE_string("checkpoint", None, "A pretrained checkpoint: zoo name, .npz path or URL.")
+  flags.DEFINE_enum("which", "best", ["best", "last"], "Checkpoint of the tuned run.")
+  flags.DEFINE_integer("top_k", 3, "Classes to print per image.")
 
 
 def test_patterns(size: Tuple[int, int]) -> Dict[str, np.ndarray]:
@@ -79,21 +83,22 @@ def predict(model, variables, image_files: Sequence[str] = (), top_k: int = 3,
 def main(argv: Sequence[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir (a tuned run) or --checkpoint")
-  if _WORKDIR.value:
+  if FLAGS.workdir:
     from vpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
-    model, variables = checkpointing.load_tuned(_WORKDIR.value, which=_WHICH.value)
-    print(f"tuned run {_WORKDIR.value} ({_WHICH.value} checkpoint)")
+    model, variables = checkpointing.load_tuned(FLAGS.workdir, which=FLAGS.which)
+    print(f"tuned run {FLAGS.workdir} ({FLAGS.which} checkpoint)")
   else:
-    model, variables = checkpoints.load_pretrained(_CHECKPOINT.value)
-    print(f"checkpoint {_CHECKPOINT.value}")
+    model, variables = checkpoints.load_pretrained(FLAGS.checkpoint)
+    print(f"checkpoint {FLAGS.checkpoint}")
   print(f"ViT patch {tuple(model.patch_size)}, width {model.width}, depth {model.depth}, "
         f"{model.num_classes} classes, input {model.image_size[0]}x{model.image_size[1]}")
-  for name, top in predict(model, variables, argv[1:], _TOP_K.value):
+  for name, top in predict(model, variables, argv[1:], FLAGS.top_k):
     print(f"{name}: " + ", ".join(f"class {c} ({p:.3f})" for c, p in top))
   sys.stdout.flush()
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -16,10 +16,15 @@ from typing import Dict, List, Sequence
 
 from absl import app, flags, logging
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file with get_config(arg) and get_sweep().")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the arms' workdirs.")
-_ARMS = flags.DEFINE_list("arms", None, "Arms to run (default: the config's get_sweep()).")
-flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a command (so the module imports cleanly)."""
+  flags.DEFINE_string("config", None, "Config file with get_config(arg) and get_sweep().")
+  flags.DEFINE_string("workdir", None, "Parent directory of the arms' workdirs.")
+  flags.DEFINE_list("arms", None, "Arms to run (default: the config's get_sweep()).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def load_config_module(path: str):
@@ -70,8 +75,9 @@ def main(argv) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   sys.path.insert(0, os.getcwd())  # configs import the `configs` package
-  run(_CONFIG.value, _WORKDIR.value, _ARMS.value)
+  run(FLAGS.config, FLAGS.workdir, FLAGS.arms)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
