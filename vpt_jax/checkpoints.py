@@ -515,3 +515,50 @@ def load_pretrained(spec: str, *, image_size: Optional[int | Sequence[int]] = No
   params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
                                          for k, v in flat.items()})
   return model, {"params": params}
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing: the inverse of the layouts above.
+
+
+def save_npz(params: Params, path: str, *, layout: str = "vit_jax") -> None:
+  """Writes a `VisionTransformer` parameter tree as the published files are laid out.
+
+  layout 'vit_jax': flat '/'-joined keys, pre-Linen module names in the blocks
+  (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`) and the position embedding, with
+  its class-token row, at `Transformer/posembed_input/pos_embedding`; only for models with that row
+  (`posemb_cls_row=True`). layout 'big_vision': the linen names as they are. The file is written
+  under a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+  """
+  if layout not in ("vit_jax", "big_vision"):
+    raise ValueError(f"layout={layout!r}: 'vit_jax' or 'big_vision'")
+  flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+  if layout == "vit_jax":
+    rows = flat["pos_embedding"].shape[1] if "pos_embedding" in flat else 0
+    side = int(round(np.sqrt(max(rows - 1, 0))))
+    if "cls" not in flat or side * side + 1 != rows:
+      raise ValueError("the vit_jax layout stores the class-token row in the position embedding; "
+                       "this model has none (use layout='big_vision')")
+    if any(k.startswith("MAPHead_0/") for k in flat):
+      raise ValueError("vit_jax files have no MAP head (use layout='big_vision')")
+    renamed = {}
+    for k, v in flat.items():
+      m = _BLOCK_RE.match(k)
+      if m:
+        module, _, leaf = m.group(2).partition("/")
+        k = f"Transformer/encoderblock_{m.group(1)}/{_LINEN_TO_PRE.get(module, module)}/{leaf}"
+      elif k == "pos_embedding":
+        k = _OLD_POSEMB_KEYS[0]
+      renamed[k] = v
+    flat = renamed
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.partial")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **flat)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

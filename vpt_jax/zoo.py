@@ -31,6 +31,11 @@ ZOO: Dict[str, Entry] = {
     # 2 layers, 10 classes) in the vit_jax layout, with random weights. Its predictions mean nothing.
     "tiny-random": Entry(os.path.join(_ASSETS, "tiny_random_vit.npz"),
                          "tiny random-weight ViT shipped with vpt_jax (offline demos and tests)"),
+    # Shipped: the offline demo's backbone, vit_jax layout, pretrained by this project
+    # (tools/pretrain_demo_backbone.py) on the procedural shapes task of vpt_jax.data.shapes.
+    "demo-vit": Entry(os.path.join(_ASSETS, "demo_vit.npz"),
+                      "32px ViT (patch 4, width 64, 4 layers) pretrained by "
+                      "tools/pretrain_demo_backbone.py on procedural shapes"),
     # google-research/vision_transformer, ImageNet-21k pre-training (Dosovitskiy et al.). vit_jax
     # layout with a 768/1024/1280-wide tanh `pre_logits` layer and a 21843-way head that was zeroed
     # in the release. ViT-B/16 is the backbone of the VPT and E2VPT papers; load it with

@@ -81,7 +81,7 @@ def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
     where = data_dir or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     raise FileNotFoundError(
         f"config data.name={cfg.name!r} split {split!r}: not available in {where} "
-        f"({type(e).__name__}: {e}). Prepare it first, e.g. `tfds build {cfg.name.split(':')[0]}`"
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Prepare it first, e.g. `tfds build {cfg.name.split(':')[0]}`"
         " (some datasets need a manual download), or set config.data.data_dir") from e
   images, labels = [], []
   for ex in tfds.as_numpy(ds):
