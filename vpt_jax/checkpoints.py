@@ -557,6 +557,7 @@ def save_npz(params: Params, path: str, *, layout: str = "vit_jax") -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **flat)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -2,9 +2,9 @@
 
     python -m vpt_jax.sweep --config=configs/demo.py --workdir=/tmp/vpt_demo
 
-The config file's `get_sweep()` lists the arms (arguments of its `get_config`); `--arms` picks
-others. Each arm runs in `workdir/<arm>` (so an interrupted sweep resumes where it stopped) and its
-results.json feeds the table.
+The config file's `get_sweep()` lists the arms (arguments of its `get_config`); repeated `--arm`
+flags pick others. Each arm runs in `workdir/<arm>` (so an interrupted sweep resumes where it
+stopped) and its results feed the table.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def define_flags() -> None:
   """Command-line flags, defined only when run as a command (so the module imports cleanly)."""
   flags.DEFINE_string("config", None, "Config file with get_config(arg) and get_sweep().")
   flags.DEFINE_string("workdir", None, "Parent directory of the arms' workdirs.")
-  flags.DEFINE_list("arms", None, "Arms to run (default: the config's get_sweep()).")
+  flags.DEFINE_multi_string("arm", None, "An arm to run (its get_config argument, e.g. "
+                            "'vpt-deep,optim.lr=1.0'); repeat for several. Default: get_sweep().")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,7 +63,7 @@ def run(config_path: str, workdir: str, arms: Sequence[str] | None = None) -> Li
   for arm, config in configs.items():
     print(f"=== {arm} ===", flush=True)
     results = train.train_and_evaluate(config, os.path.join(workdir, arm))
-    rows.append({"arm": arm, **results})
+    rows.append({"arm": arm.split(",")[0], **results})
   print(table(rows), flush=True)
   return rows
 
@@ -75,7 +76,7 @@ def main(argv) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   sys.path.insert(0, os.getcwd())  # configs import the `configs` package
-  run(FLAGS.config, FLAGS.workdir, FLAGS.arms)
+  run(FLAGS.config, FLAGS.workdir, FLAGS.arm)
 
 
 if __name__ == "__main__":
