@@ -67,3 +67,23 @@ def test_shipped_demo_backbone():
   assert arch.pool_type == "token" and arch.posemb_cls_row
   with np.load(vpt_jax.zoo.url_for("demo-vit")) as f:
     assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in f.files
+
+
+def test_pretraining_script_is_reproducible(tmp_path):
+  """Two runs of tools/pretrain_demo_backbone.py (tiny settings) write byte-identical files."""
+  import subprocess
+  import sys
+  from conftest import ROOT
+  outs = []
+  for i in range(2):
+    out = str(tmp_path / f"run{i}.npz")
+    r = subprocess.run([sys.executable, "tools/pretrain_demo_backbone.py", f"--out={out}",
+                        "--epochs=2", "--per_epoch=256", "--held_out=100"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "held-out accuracy" in r.stdout
+    with open(out, "rb") as f:
+      outs.append(f.read())
+  assert outs[0] == outs[1]
+  arch = vpt_jax.inspect(str(tmp_path / "run0.npz"))
+  assert arch.width == 64 and arch.depth == 4

@@ -47,6 +47,7 @@ def main() -> None:
   ap.add_argument("--per_epoch", type=int, default=40_000)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--held_out", type=int, default=5000, help="held-out images for accuracy")
   args = ap.parse_args()
   t0 = time.time()
 
@@ -62,7 +63,7 @@ def main() -> None:
   state = train.create_train_state(trainable, tx, jax.random.PRNGKey(args.seed + 1))
   step = jax.jit(train.make_train_step(model, tx, schedule), donate_argnums=(0,))
   apply = jax.jit(model.apply)
-  held_x, held_y = shapes.make_shapes(5000, seed=10_000 + args.seed)
+  held_x, held_y = shapes.make_shapes(args.held_out, seed=10_000 + args.seed)
 
   for epoch in range(args.epochs):
     # Fresh images every epoch: the task is generated, so there is no need to repeat any.
