@@ -8,12 +8,13 @@ from configs import common, demo, fgvc, vtab
 @pytest.mark.parametrize("task", sorted(vtab.TASKS))
 def test_vtab_tasks(task):
   c = vtab.get_config(task)
-  name, train800, val200, test, classes, label_key = vtab.TASKS[task]
+  t = vtab.TASKS[task]
   assert (c.data.name, c.data.train_split, c.data.val_split, c.data.test_split) == (
-      name, train800, val200, test)
-  assert c.data.num_classes == classes and c.data.label_key == label_key
+      t.builder, t.train800, t.val200, t.test)
+  assert c.data.num_classes == t.num_classes and c.data.label_key == t.label_key
+  assert c.data.label_transform == t.label_transform
   final = vtab.get_config(f"{task},final")
-  assert final.data.train_split == f"{train800}+{val200}" and final.data.val_split == ""
+  assert final.data.train_split == f"{t.train800}+{t.val200}" and final.data.val_split == ""
 
 
 def test_paper_defaults_and_overrides():

@@ -15,6 +15,8 @@ from typing import Dict, Sequence
 import ml_collections
 import numpy as np
 
+from vpt_jax.data import vtab
+
 # The 1797 scikit-learn digits split in the spirit of VTAB-1k: a fixed permutation, the first 1000
 # for training (800 train + 200 validation), the remaining 797 for test.
 DIGITS_SPLITS = {"train800": (0, 800), "val200": (800, 1000), "train800val200": (0, 1000),
@@ -47,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
     test) or tfds split strings (e.g. 'train[:800]').
   num_classes: 0 = read from the source.
   image_key, label_key: feature names in the tfds examples.
+  label_transform: '' (use label_key as it is) or a derived label of a VTAB structured task
+    (`vpt_jax.data.vtab.LABEL_TRANSFORMS`: clevr_count, clevr_distance, kitti_distance,
+    dsprites_location, dsprites_orientation).
   crop: 'resize' (straight to image_size, no augmentation: VTAB) or 'resize_crop' (shorter side
     to resize_size, random crop + flip for training, central crop for evaluation: FGVC).
   normalization: 'minus_one_one' (the range the ViT checkpoints were trained on) or 'imagenet'
@@ -54,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(
       source="digits", name="", data_dir="", train_split="train800", val_split="val200",
-      test_split="test", num_classes=0, image_key="image", label_key="label",
+      test_split="test", num_classes=0, image_key="image", label_key="label", label_transform="",
       crop="resize", resize_size=256, normalization="minus_one_one"))
 
 
@@ -73,6 +78,7 @@ def _digits(split: str) -> Split:
 
 def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  transform = vtab.label_transform(cfg.label_transform)
   data_dir = cfg.data_dir or None
   try:
     ds = tfds.load(cfg.name, split=split, data_dir=data_dir, download=False,
@@ -86,7 +92,7 @@ def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
   images, labels = [], []
   for ex in tfds.as_numpy(ds):
     images.append(ex[cfg.image_key])
-    labels.append(ex[cfg.label_key])
+    labels.append(transform(ex) if transform else ex[cfg.label_key])
   if not labels:
     raise ValueError(f"config data.name={cfg.name!r} split {split!r} is empty")
   return Split(np.array(images, dtype=object), np.asarray(labels, np.int32))
