@@ -122,3 +122,23 @@ def test_shapes_task_is_deterministic_balanced_and_distinct():
   assert counts.min() == counts.max() == 280 // len(shapes.SHAPE_CLASSES)
   # Each class draws something: the foreground differs from the background in every image.
   assert (x.reshape(280, -1, 3).std(axis=1).max(axis=1) > 10).all()
+
+
+def test_cached_preprocessing_equals_the_uncached_path(digits):
+  split = digits["train800"]
+  pre = pipeline.make_preprocess(cfg(), 32, train=True)
+  assert pre.deterministic
+  cached = pipeline.Pipeline(split, pre, batch_size=16, seed=0)
+  plain = pipeline.Pipeline(split, pre, batch_size=16, seed=0, cache_bytes=0)
+  assert cached._cached is not None and plain._cached is None
+  for a, b in zip(cached.train_batches(45), plain.train_batches(45)):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+    if a is not None and len(a["label"]) and b["label"][0] == -1:
+      break
+    break
+  ev = [list(p.eval_batches()) for p in (cached, plain)]
+  for a, b in zip(*ev):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  assert not pipeline.make_preprocess(cfg(crop="resize_crop", resize_size=40), 32,
+                                      train=True).deterministic

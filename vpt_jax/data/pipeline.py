@@ -58,6 +58,8 @@ def make_preprocess(cfg: ml_collections.ConfigDict, image_size: int, train: bool
     if cfg.normalization == "minus_one_one":
       return image / 127.5 - 1.0
     return (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  # Without random augmentation the result depends on the image alone: it can be cached.
+  preprocess.deterministic = cfg.crop == "resize" or not train
   return preprocess
 
 
@@ -69,7 +71,7 @@ class Pipeline:
   """
 
   def __init__(self, split: Split, preprocess: Callable, *, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, cache_bytes: int = 2 << 30):
     if batch_size % process_count:
       raise ValueError(f"batch size {batch_size} is not divisible by {process_count} hosts")
     self.split = split
@@ -81,6 +83,23 @@ class Pipeline:
     self._images = tf.constant(split.images) if not split.encoded else tf.constant(
         list(split.images), tf.string)
     self._labels = tf.constant(split.labels, tf.int32)
+    self._cached = None
+    if getattr(preprocess, "deterministic", False):
+      self._cache(cache_bytes)
+
+  def _cache(self, limit: int) -> None:
+    """Decodes and preprocesses every image once (in parallel) when the result fits in `limit`.
+
+    For VTAB's no-augmentation preprocessing this removes all per-epoch decoding; the cached
+    arrays are exactly what the uncached path computes.
+    """
+    first = self.preprocess(self._images[0], tf.zeros(2, tf.int64))
+    if len(self.split) * int(np.prod(first.shape)) * 4 > limit:
+      return
+    ds = tf.data.Dataset.from_tensor_slices(self._images).map(
+        lambda im: self.preprocess(im, tf.zeros(2, tf.int64)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256)
+    self._cached = tf.concat(list(ds), axis=0)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -89,11 +108,18 @@ class Pipeline:
   def _dataset(self, index: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> tf.data.Dataset:
     images, labels, seed = self._images, self._labels, self.seed
 
+    cached = self._cached
+
     def load(i, pos, m):
       s = tf.stack([tf.constant(seed, tf.int64), tf.cast(pos, tf.int64)])
       return {"image": self.preprocess(tf.gather(images, i), s), "label": tf.gather(labels, i),
               "mask": m}
     ds = tf.data.Dataset.from_tensor_slices((index, positions, mask))
+    if cached is not None:  # batch the indices, then gather whole preprocessed batches
+      ds = ds.batch(self.local, drop_remainder=True).map(
+          lambda i, pos, m: {"image": tf.gather(cached, i), "label": tf.gather(labels, i),
+                             "mask": m})
+      return ds.prefetch(tf.data.AUTOTUNE)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(self.local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

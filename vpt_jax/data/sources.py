@@ -41,8 +41,15 @@ class Split:
 def default_config() -> ml_collections.ConfigDict:
   """The `data` section of a config.
 
-  source: 'digits' (scikit-learn's handwritten digits, shipped with scikit-learn: offline) or
-    'tfds' (a tensorflow-datasets builder).
+  source: 'digits' (scikit-learn's handwritten digits, shipped with scikit-learn: offline),
+    'tfds' (a tensorflow-datasets builder), or image files under `root`:
+    'vtab_folder' (pre-extracted VTAB-1k: list files train800.txt / val200.txt /
+    train800val200.txt / test.txt of "relative/path label" lines), 'fgvc_json' (VPT's FGVC
+    layout: train.json / val.json / test.json mapping image path -> label, images under
+    root/image_dir; no val.json: a seeded 90/10 cut of train), 'folder' (root/class_name/*.jpg,
+    or root/{train,val,test}/class_name/*.jpg; otherwise a seeded per-class cut by val_fraction
+    and test_fraction). Split names: digits and vtab_folder train800, val200, train800val200,
+    test; fgvc_json and folder train, val, test.
   name, data_dir: the tfds builder (with version, e.g. 'cifar100:3.*.*') and its data directory
     ('' = tfds' default, ~/tensorflow_datasets).
   train_split, val_split, test_split: split names (digits: train800, val200, train800val200,
@@ -56,11 +63,14 @@ def default_config() -> ml_collections.ConfigDict:
     to resize_size, random crop + flip for training, central crop for evaluation: FGVC).
   normalization: 'minus_one_one' (the range the ViT checkpoints were trained on) or 'imagenet'
     (mean/std, what the official VPT code fed them).
+  on_bad_image: image files that are not JPEG/PNG/GIF/BMP: 'fail' (name the file) or 'skip'
+    (drop them with one warning that counts them).
   """
   return ml_collections.ConfigDict(dict(
       source="digits", name="", data_dir="", train_split="train800", val_split="val200",
       test_split="test", num_classes=0, image_key="image", label_key="label", label_transform="",
-      crop="resize", resize_size=256, normalization="minus_one_one"))
+      crop="resize", resize_size=256, normalization="minus_one_one", root="", image_dir="",
+      on_bad_image="fail", val_fraction=0.1, test_fraction=0.0))
 
 
 def _digits(split: str) -> Split:
@@ -98,11 +108,33 @@ def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
   return Split(np.array(images, dtype=object), np.asarray(labels, np.int32))
 
 
+def _folders():
+  from vpt_jax.data import folders  # pylint: disable=g-import-not-at-top; it imports Split
+  return folders
+
+
+SOURCES = {
+    "digits": lambda cfg, split: _digits(split),
+    "tfds": _tfds,
+    "vtab_folder": lambda cfg, split: _folders().read_vtab_lists(
+        cfg.root, split, on_bad_image=cfg.on_bad_image),
+    "fgvc_json": lambda cfg, split: _folders().read_fgvc_json(
+        cfg.root, split, image_dir=cfg.image_dir, on_bad_image=cfg.on_bad_image),
+    "folder": lambda cfg, split: _folders().read_class_folders(
+        cfg.root, split, on_bad_image=cfg.on_bad_image, val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction),
+}
+
+
 def num_classes(cfg: ml_collections.ConfigDict) -> int:
   if cfg.num_classes:
     return cfg.num_classes
   if cfg.source == "digits":
     return 10
+  if cfg.source == "folder":
+    return len(_folders().class_names(cfg.root))
+  if cfg.source in ("vtab_folder", "fgvc_json"):
+    raise ValueError(f"config data.num_classes must be set for data.source={cfg.source!r}")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(cfg.name, data_dir=cfg.data_dir or None)
@@ -114,12 +146,14 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
 
 def load_splits(cfg: ml_collections.ConfigDict, names: Sequence[str]) -> Dict[str, Split]:
   """The named splits (e.g. cfg.train_split) of the configured source, checked."""
-  if cfg.source not in ("digits", "tfds"):
-    raise ValueError(f"config data.source={cfg.source!r}: expected 'digits' or 'tfds'")
+  if cfg.source not in SOURCES:
+    raise ValueError(f"config data.source={cfg.source!r}: expected one of {', '.join(SOURCES)}")
+  if cfg.source in ("vtab_folder", "fgvc_json", "folder") and not cfg.root:
+    raise ValueError(f"config data.root must name the dataset folder for source {cfg.source!r}")
   out = {}
   n_classes = num_classes(cfg)
   for name in names:
-    split = _digits(name) if cfg.source == "digits" else _tfds(cfg, name)
+    split = SOURCES[cfg.source](cfg, name)
     if not len(split):
       raise ValueError(f"config data split {name!r} is empty")
     bad = (split.labels < 0) | (split.labels >= n_classes)
