@@ -9,6 +9,7 @@ gradients (global norm for logging, clipping, the optimizer) sees the trainable 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -164,10 +165,21 @@ def _to_global(local: Mapping[str, np.ndarray], sharding) -> Dict[str, jax.Array
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def prefetch_to_device(batches, sharding, depth: int = 2):
+  """Keeps `depth` batches already on the devices, so the next step never waits for a copy."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(_to_global(batch, sharding))
+    if len(queue) >= depth:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
 def evaluate(eval_step: Callable, trainable: Tree, frozen: Tree, pipe, sharding) -> Dict[str, float]:
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  for batch in pipe.eval_batches():
-    out = jax.device_get(eval_step(trainable, frozen, _to_global(batch, sharding)))
+  for batch in prefetch_to_device(pipe.eval_batches(), sharding):
+    out = jax.device_get(eval_step(trainable, frozen, batch))
     for k in totals:
       totals[k] += float(out[k])
   return {"top1": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"],
@@ -263,10 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     sums["_n"] = sums.get("_n", 0.0) + 1
 
   pending = None
-  batches = train_pipe.train_batches(start)
+  batches = prefetch_to_device(train_pipe.train_batches(start), batch_sharding)
   try:
     for step in range(start, total):
-      state, metrics = train_step(state, frozen, _to_global(next(batches), batch_sharding))
+      state, metrics = train_step(state, frozen, next(batches))
       if pending is not None:
         check(*pending)  # checked one step late, so the host never stalls the device
       pending = (step + 1, metrics)
