@@ -31,6 +31,8 @@ def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   """Every option of a run, with the VPT paper's defaults where it has them."""
   c = ml_collections.ConfigDict()
+  c.task = ""                            # labels for vpt_jax.report: task name and its group
+  c.group = ""                           # vtab-natural | vtab-specialized | vtab-structured | fgvc
   c.model = backbone()
   c.model.drop_pre_logits = True         # VPT reads the class token after the final LayerNorm
   c.prompt = prompts.default_config()    # VPT-deep, p = 50

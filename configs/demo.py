@@ -6,7 +6,9 @@
 The backbone `demo-vit` ships with the package in the vit_jax .npz format; it was pretrained by
 tools/pretrain_demo_backbone.py on a procedural shapes task (a different task from digits). The
 digits are split like VTAB-1k: 800 train + 200 validation, and the other 797 images for test.
-Argument: an arm name (vpt-deep, vpt-shallow, linear), optionally followed by ',key=value'.
+Argument: an arm name (vpt-deep, vpt-shallow, linear), optionally `final` (train on all 1000,
+report test) and ',key=value' overrides. `python -m vpt_jax.sweep --protocol` runs the paper's
+tuning protocol with LR_GRID x WD_GRID and SEEDS below.
 """
 
 import ml_collections
@@ -21,6 +23,11 @@ ARMS = {
 }
 
 
+LR_GRID = (1.0, 2.0)       # per 256 images, like the official grid (x batch_size / 256 here)
+WD_GRID = (1e-4, 0.0)
+SEEDS = (0, 1, 2)
+
+
 def get_sweep():
   """The arms `vpt_jax.sweep` runs for this config."""
   return list(ARMS)
@@ -28,10 +35,12 @@ def get_sweep():
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   names, overrides = common.split_arg(arg or "vpt-deep")
-  if len(names) != 1 or names[0] not in ARMS:
+  arms = [n for n in names if n != "final"]
+  if len(arms) != 1 or arms[0] not in ARMS:
     raise ValueError(f"configs/demo.py argument {arg!r}: expected one of {', '.join(ARMS)}")
-  arm = ARMS[names[0]]
+  arm = ARMS[arms[0]]
   c = common.get_config()
+  c.task, c.group = "digits", "demo"
   c.model.checkpoint = "demo-vit"
   c.model.drop_pre_logits = False
   c.protocol = arm["protocol"]
@@ -39,6 +48,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.prompt.deep = arm["deep"]
   c.data.source = "digits"
   c.data.train_split, c.data.val_split, c.data.test_split = "train800", "val200", "test"
+  if "final" in names:
+    c.data.train_split, c.data.val_split = "train800val200", ""
   c.batch_size = 64
   c.optim.lr = arm["lr"]
   c.optim.wd = 1e-4

@@ -2,41 +2,54 @@
 
     python -m vpt_jax.main --config=configs/fgvc.py:cub --workdir=/tmp/fgvc/cub
 
-Argument: a dataset (cub, flowers, dogs, cars), `final` to train on train+val and report test,
-and `key.path=value` overrides. Preprocessing as the paper: shorter side to 256, random 224 crop
-and flip for training, central crop for evaluation. Where tfds has no validation split, the last
-10% of train is held out (a fixed slice). The official per-dataset lr/wd (per 256 images, scale by
-batch_size/256 here): CUB 0.1/0.01, NABirds 0.1/0.01, Cars 1e-3/1e-4, Dogs 1e-3/1e-4,
-Flowers 1e-3/1e-4. NABirds (no tfds builder) needs the image-folder source.
+    python -m vpt_jax.main --config=configs/fgvc.py:nabirds,data.root=/data/nabirds --workdir=...
+    python -m vpt_jax.main --config=configs/fgvc.py:cub,json,data.root=/data/CUB_200_2011 ...
+
+Argument: a dataset (cub, nabirds, flowers, dogs, cars), `json` to read VPT's folder layout
+(train.json / val.json / test.json under data.root; NABirds always does, it has no tfds builder)
+instead of tfds, `final` to train on train+val and report test, and `key.path=value` overrides.
+Preprocessing as the paper: shorter side to 256, random 224 crop and flip for training, central
+crop for evaluation. Where a dataset has no validation split, a seeded random 10% of train is held
+out. The official per-dataset lr/wd (per 256 images, scale by batch_size/256 here): CUB 0.1/0.01,
+NABirds 0.1/0.01, Cars 1e-3/1e-4, Dogs 1e-3/1e-4, Flowers 1e-3/1e-4.
 """
 
 import ml_collections
 
 from configs import common
 
-# name: (tfds builder, train, val, test, classes, official lr, official wd)
+LR_GRID = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1)   # per 256 images (official FGVC prompt grid)
+WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
+SEEDS = (42, 44, 82, 100, 800)
+
+# name: (tfds builder or '', its validation split or 'holdout', classes, official lr, official wd,
+#        image folder of the json layout)
 DATASETS = {
-    "cub": ("caltech_birds2011", "train[:90%]", "train[90%:]", "test", 200, 0.1, 0.01),
-    "flowers": ("oxford_flowers102", "train", "validation", "test", 102, 1e-3, 1e-4),
-    "dogs": ("stanford_dogs", "train[:90%]", "train[90%:]", "test", 120, 1e-3, 1e-4),
-    "cars": ("cars196", "train[:90%]", "train[90%:]", "test", 196, 1e-3, 1e-4),
+    "cub": ("caltech_birds2011", "holdout", 200, 0.1, 0.01, "images"),
+    "nabirds": ("", "holdout", 555, 0.1, 0.01, "images"),
+    "flowers": ("oxford_flowers102", "validation", 102, 1e-3, 1e-4, ""),
+    "dogs": ("stanford_dogs", "holdout", 120, 1e-3, 1e-4, "Images"),
+    "cars": ("cars196", "holdout", 196, 1e-3, 1e-4, ""),
 }
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   names, overrides = common.split_arg(arg or "cub")
-  ds = [n for n in names if n != "final"]
+  ds = [n for n in names if n not in ("final", "json")]
   if len(ds) != 1 or ds[0] not in DATASETS:
     raise ValueError(f"configs/fgvc.py argument {arg!r}: expected one of {', '.join(DATASETS)}")
-  name, train_split, val_split, test, classes, lr, wd = DATASETS[ds[0]]
+  name, val_split, classes, lr, wd, image_dir = DATASETS[ds[0]]
   c = common.tfds_vit_b16(name, classes, crop="resize_crop")
+  c.task, c.group = ds[0], "fgvc"
   c.data.resize_size = 256
+  c.data.train_split, c.data.val_split, c.data.test_split = "train", val_split, "test"
+  if "json" in names or not name:  # VPT's folders: train.json / val.json / test.json
+    c.data.source, c.data.name, c.data.image_dir = "fgvc_json", "", image_dir
+    c.data.val_split = "val"  # the json reader cuts a seeded 90/10 itself when val.json is absent
   if "final" in names:
-    c.data.train_split = "train+validation" if val_split == "validation" else "train"
     c.data.val_split = ""
-  else:
-    c.data.train_split, c.data.val_split = train_split, val_split
-  c.data.test_split = test
+    if c.data.source == "tfds" and val_split == "validation":
+      c.data.train_split = "train+validation"
   c.optim.lr = lr * c.batch_size / 256
   c.optim.wd = wd
   common.apply_arg(c, overrides)

@@ -31,6 +31,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/vtab.py argument {arg!r}: expected a task of {', '.join(TASKS)}")
   t = TASKS[task[0]]
   c = common.tfds_vit_b16(t.builder, t.num_classes, crop="resize")  # VTAB: straight to 224
+  c.task, c.group = t.name, f"vtab-{t.group}"
   c.data.label_key = t.label_key
   c.data.label_transform = t.label_transform
   if "final" in names:

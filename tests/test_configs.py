@@ -37,11 +37,17 @@ def test_bad_arguments_are_named(module, arg, match):
     module.get_config(arg)
 
 
-def test_fgvc_preprocessing_and_official_lr():
+def test_fgvc_preprocessing_splits_and_official_lr():
   c = fgvc.get_config("cub")
   assert (c.data.crop, c.data.resize_size, c.model.image_size) == ("resize_crop", 256, 224)
   assert c.optim.lr == pytest.approx(0.1 * 128 / 256) and c.optim.wd == 0.01
+  assert (c.data.source, c.data.train_split, c.data.val_split) == ("tfds", "train", "holdout")
   assert fgvc.get_config("flowers,final").data.train_split == "train+validation"
+  assert fgvc.get_config("cub,final").data.val_split == ""
+  nab = fgvc.get_config("nabirds,data.root=/data/nabirds")
+  assert (nab.data.source, nab.data.root, nab.data.image_dir, nab.data.num_classes) == (
+      "fgvc_json", "/data/nabirds", "images", 555)
+  assert fgvc.get_config("dogs,json").data.image_dir == "Images"
 
 
 def test_split_arg():

@@ -142,3 +142,19 @@ def test_cached_preprocessing_equals_the_uncached_path(digits):
     np.testing.assert_array_equal(a["image"], b["image"])
   assert not pipeline.make_preprocess(cfg(crop="resize_crop", resize_size=40), 32,
                                       train=True).deterministic
+
+
+def test_seeded_holdout_of_train(digits):
+  c = cfg(val_split="holdout", holdout_fraction=0.25)
+  out = sources.load_splits(c, ["train800", "holdout"])
+  assert (len(out["train800"]), len(out["holdout"])) == (600, 200)
+  rows = lambda s: {(r.tobytes(), int(l)) for r, l in zip(s.images, s.labels)}
+  whole = rows(digits["train800"])
+  assert rows(out["train800"]) | rows(out["holdout"]) == whole
+  again = sources.load_splits(c, ["train800", "holdout"])
+  assert rows(again["holdout"]) == rows(out["holdout"])
+  other = sources.load_splits(cfg(val_split="holdout", holdout_fraction=0.25, holdout_seed=1),
+                              ["holdout"])
+  assert rows(other["holdout"]) != rows(out["holdout"])
+  with pytest.raises(ValueError, match="data.val_split='holdout'"):
+    sources.load_splits(cfg(), ["holdout"])

@@ -20,7 +20,7 @@ from vpt_jax import checkpoints, partition, train
 from vpt_jax.models import prompts
 from vpt_jax.models.vit import VisionTransformer
 
-_TOP_LEVEL = {"model", "prompt", "protocol", "trainable", "optim", "data", "batch_size", "seed",
+_TOP_LEVEL = {"task", "group", "model", "prompt", "protocol", "trainable", "optim", "data", "batch_size", "seed",
               "eval_every_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
 
 

@@ -1,15 +1,24 @@
-"""Run every arm of a config one after another and print a comparison table.
+"""Run several configurations one after another: a config's arms, or the paper's protocol.
 
     python -m vpt_jax.sweep --config=configs/demo.py --workdir=/tmp/vpt_demo
+    python -m vpt_jax.sweep --config=configs/vtab.py:cifar100 --workdir=/tmp/cifar100 --protocol
 
-The config file's `get_sweep()` lists the arms (arguments of its `get_config`); repeated `--arm`
-flags pick others. Each arm runs in `workdir/<arm>` (so an interrupted sweep resumes where it
-stopped) and its results feed the table.
+Arms: the config file's `get_sweep()` lists them (arguments of its `get_config`); repeated `--arm`
+flags pick others. Each arm runs in `workdir/<arm>` and its results feed a table.
+
+--protocol, the VPT paper's tuning protocol for the task given after ':': every (lr, wd) of the
+config's LR_GRID x WD_GRID trains on train800 and is scored by its last-epoch val200 top-1; the best
+(ties to the smaller lr) is retrained with each of SEEDS on train800val200 and scored on test;
+`workdir/protocol.json` holds the grid, the choice and the test top-1 per seed and their mean.
+Grid values are quoted per 256 images, as the official scripts do, and used at lr * batch / 256.
+Everything is resumable: a finished run (with results.json) is never rerun, an interrupted one
+continues from its checkpoint.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from typing import Dict, List, Sequence
@@ -25,6 +34,10 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Parent directory of the arms' workdirs.")
   flags.DEFINE_multi_string("arm", None, "An arm to run (its get_config argument, e.g. "
                             "'vpt-deep,optim.lr=1.0'); repeat for several. Default: get_sweep().")
+  flags.DEFINE_bool("protocol", False, "Run the lr x wd grid, selection and seeded final runs.")
+  flags.DEFINE_list("lr_grid", None, "Override the config's LR_GRID (per 256 images).")
+  flags.DEFINE_list("wd_grid", None, "Override the config's WD_GRID.")
+  flags.DEFINE_list("seeds", None, "Override the config's SEEDS.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,6 +81,64 @@ def run(config_path: str, workdir: str, arms: Sequence[str] | None = None) -> Li
   return rows
 
 
+def _finished(workdir: str) -> Dict | None:
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_grid=None,
+                 seeds=None) -> Dict:
+  """The paper's protocol for one task; see the module docstring."""
+  from vpt_jax import train  # pylint: disable=g-import-not-at-top
+  module = load_config_module(config_path)
+  lr_grid = [float(x) for x in (lr_grid or module.LR_GRID)]
+  wd_grid = [float(x) for x in (wd_grid or module.WD_GRID)]
+  seeds = [int(x) for x in (seeds or module.SEEDS)]
+  batch = module.get_config(arg).batch_size  # also checks the argument before any training
+  prefix = f"{arg}," if arg else ""
+
+  def run(sub: str, extra: str) -> Dict:
+    d = os.path.join(workdir, sub)
+    done = _finished(d)
+    if done is not None:
+      print(f"=== {sub}: finished earlier, not rerun ===", flush=True)
+      return done
+    print(f"=== {sub} ===", flush=True)
+    return train.train_and_evaluate(module.get_config(prefix + extra), d)
+
+  grid = []
+  for lr in lr_grid:
+    for wd in wd_grid:
+      r = run(f"grid/lr{lr:g}_wd{wd:g}", f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}")
+      if r.get("val_top1") is None:
+        raise ValueError(f"{config_path}:{arg} has no validation split to select on")
+      grid.append({"lr": lr, "wd": wd, "val_top1": r["val_top1"]})
+  best = max(grid, key=lambda g: (g["val_top1"], -g["lr"]))
+  finals = []
+  for seed in seeds:
+    r = run(f"final/seed{seed}", f"final,optim.lr={best['lr'] * batch / 256!r},"
+                                 f"optim.wd={best['wd']!r},seed={seed}")
+    finals.append({"seed": seed, "test_top1": r["test_top1"], "results": r})
+  tops = [f["test_top1"] for f in finals]
+  summary = {
+      "config": f"{config_path}:{arg}", "lr_grid_per_256": lr_grid, "wd_grid": wd_grid,
+      "batch_size": batch, "grid": grid, "best": best,
+      "final": [{k: v for k, v in f.items() if k != "results"} for f in finals],
+      "test_top1_mean": float(sum(tops) / len(tops)),
+      "test_top1_std": float((sum((t - sum(tops) / len(tops)) ** 2 for t in tops) / len(tops)) ** .5),
+      "results": finals[0]["results"],  # config, parameter counts (the same for every seed)
+  }
+  with open(os.path.join(workdir, "protocol.json"), "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  print(f"best lr {best['lr']:g} (per 256) wd {best['wd']:g}: val {100 * best['val_top1']:.1f}; "
+        f"test {100 * summary['test_top1_mean']:.2f} +- {100 * summary['test_top1_std']:.2f} "
+        f"over seeds {seeds}", flush=True)
+  return summary
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -76,7 +147,12 @@ def main(argv) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   sys.path.insert(0, os.getcwd())  # configs import the `configs` package
-  run(FLAGS.config, FLAGS.workdir, FLAGS.arm)
+  path, _, arg = FLAGS.config.partition(":")
+  if FLAGS.protocol:
+    run_protocol(path, arg, FLAGS.workdir, lr_grid=FLAGS.lr_grid, wd_grid=FLAGS.wd_grid,
+                 seeds=FLAGS.seeds)
+  else:
+    run(path, FLAGS.workdir, FLAGS.arm)
 
 
 if __name__ == "__main__":

@@ -65,12 +65,16 @@ def default_config() -> ml_collections.ConfigDict:
     (mean/std, what the official VPT code fed them).
   on_bad_image: image files that are not JPEG/PNG/GIF/BMP: 'fail' (name the file) or 'skip'
     (drop them with one warning that counts them).
+  val_split='holdout': the validation set is a seeded random `holdout_fraction` of train_split,
+    which then keeps the rest (for datasets published without a validation split; the VPT paper
+    holds out 10% of FGVC training sets).
   """
   return ml_collections.ConfigDict(dict(
       source="digits", name="", data_dir="", train_split="train800", val_split="val200",
       test_split="test", num_classes=0, image_key="image", label_key="label", label_transform="",
       crop="resize", resize_size=256, normalization="minus_one_one", root="", image_dir="",
-      on_bad_image="fail", val_fraction=0.1, test_fraction=0.0))
+      on_bad_image="fail", val_fraction=0.1, test_fraction=0.0, holdout_fraction=0.1,
+      holdout_seed=0))
 
 
 def _digits(split: str) -> Split:
@@ -152,8 +156,18 @@ def load_splits(cfg: ml_collections.ConfigDict, names: Sequence[str]) -> Dict[st
     raise ValueError(f"config data.root must name the dataset folder for source {cfg.source!r}")
   out = {}
   n_classes = num_classes(cfg)
+  loaded = {}
+  if "holdout" in names:
+    if cfg.val_split != "holdout" or not 0 < cfg.holdout_fraction < 1:
+      raise ValueError("config data split 'holdout' needs data.val_split='holdout' and "
+                       f"0 < data.holdout_fraction < 1 (got {cfg.holdout_fraction})")
+    whole = SOURCES[cfg.source](cfg, cfg.train_split)
+    order = np.random.default_rng(cfg.holdout_seed).permutation(len(whole))
+    cut = len(whole) - int(round(len(whole) * cfg.holdout_fraction))
+    pick = lambda idx: Split(whole.images[np.sort(idx)], whole.labels[np.sort(idx)])
+    loaded = {cfg.train_split: pick(order[:cut]), "holdout": pick(order[cut:])}
   for name in names:
-    split = SOURCES[cfg.source](cfg, name)
+    split = loaded.get(name) or SOURCES[cfg.source](cfg, name)
     if not len(split):
       raise ValueError(f"config data split {name!r} is empty")
     bad = (split.labels < 0) | (split.labels >= n_classes)

@@ -1,0 +1,98 @@
+"""The tuning protocol in one command (grid -> select -> seeded finals), resumable; the report."""
+
+import csv
+import io
+import json
+import os
+
+import pytest
+
+from conftest import ROOT
+from vpt_jax import report, sweep, train
+from configs import demo
+
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+FAST = ("model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_every_epochs=1,"
+        "log_every_steps=12,task=digits,group=vtab-natural")
+
+
+@pytest.fixture(scope="module")
+def protocol(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("protocol"))
+  summary = sweep.run_protocol(DEMO, f"vpt-deep,{FAST}", wd, lr_grid=["1.0", "4.0"],
+                               wd_grid=["0.0", "0.001"], seeds=["0", "1"])
+  return wd, summary
+
+
+def test_grid_selection_and_final_runs(protocol):
+  wd, s = protocol
+  assert len(s["grid"]) == 4 and {(g["lr"], g["wd"]) for g in s["grid"]} == {
+      (1.0, 0.0), (1.0, 0.001), (4.0, 0.0), (4.0, 0.001)}
+  best_val = max(g["val_top1"] for g in s["grid"])
+  smallest_lr = min(g["lr"] for g in s["grid"] if g["val_top1"] == best_val)
+  assert s["best"]["val_top1"] == best_val and s["best"]["lr"] == smallest_lr
+  for g in s["grid"]:  # grid points train on train800 and score on val200 at lr * batch / 256
+    with open(os.path.join(wd, "grid", f"lr{g['lr']:g}_wd{g['wd']:g}", "results.json")) as f:
+      r = json.load(f)
+    assert r["config"]["data"]["train_split"] == "train800"
+    assert r["config"]["optim"]["lr"] == pytest.approx(g["lr"] * 64 / 256)
+    assert r["val_top1"] == g["val_top1"]
+  tops = []
+  for f in s["final"]:
+    with open(os.path.join(wd, "final", f"seed{f['seed']}", "results.json")) as fh:
+      r = json.load(fh)
+    cfg = r["config"]
+    assert cfg["data"]["train_split"] == "train800val200" and cfg["data"]["val_split"] == ""
+    assert cfg["seed"] == f["seed"] and cfg["optim"]["wd"] == s["best"]["wd"]
+    tops.append(r["test_top1"])
+  assert s["test_top1_mean"] == pytest.approx(sum(tops) / 2)
+  with open(os.path.join(wd, "protocol.json")) as f:
+    assert json.load(f)["test_top1_mean"] == s["test_top1_mean"]
+
+
+def test_protocol_is_resumable_and_never_reruns_a_finished_point(protocol, capsys,
+                                                                 monkeypatch):
+  wd, s = protocol
+  monkeypatch.setattr(train, "train_and_evaluate",
+                      lambda *a, **k: pytest.fail("a finished run was started again"))
+  again = sweep.run_protocol(DEMO, f"vpt-deep,{FAST}", wd, lr_grid=["1.0", "4.0"],
+                             wd_grid=["0.0", "0.001"], seeds=["0", "1"])
+  assert capsys.readouterr().out.count("finished earlier, not rerun") == 6
+  assert again["test_top1_mean"] == s["test_top1_mean"]
+
+
+def test_report_in_the_papers_layout(protocol, tmp_path):
+  wd, s = protocol
+  singles = []
+  for task in ("digits", "digits-b"):
+    d = str(tmp_path / task)
+    c = demo.get_config(f"linear,{FAST},task={task}")
+    singles.append(train.train_and_evaluate(c, d))
+  out = report.tables([report.load_record(wd), report.load_record(str(tmp_path / "digits")),
+                       report.load_record(str(tmp_path / "digits-b"))])
+  md = out["markdown"].splitlines()
+  vpt = next(l for l in md if l.startswith("| VPT-deep | "))
+  lin = next(l for l in md if l.startswith("| Linear | "))
+  assert f"| {100 * s['test_top1_mean']:.2f} |" in vpt
+  mean = 100 * (singles[0]["test_top1"] + singles[1]["test_top1"]) / 2
+  assert f"| {mean:.2f} |" in lin and lin.endswith("| - | - | - |")
+  b, t = singles[0]["backbone_params"], singles[0]["trainable_params"]
+  assert f"{(b + 2 * t) / b:.2f}x (2 tasks)" in lin
+  rows = list(csv.DictReader(io.StringIO(out["csv"])))
+  assert {(r["method"], r["task"]) for r in rows} == {
+      ("VPT-deep", "digits"), ("Linear", "digits"), ("Linear", "digits-b")}
+  assert next(r for r in rows if r["method"] == "VPT-deep")["seeds"] == "2"
+  with pytest.raises(FileNotFoundError, match="neither protocol.json nor results.json"):
+    report.load_record(str(tmp_path))
+
+
+def test_report_command_writes_markdown_and_csv(protocol, tmp_path, capsys):
+  wd, s = protocol
+  out_csv = str(tmp_path / "table.csv")
+  report.main(["report", wd, f"--csv={out_csv}"])
+  printed = capsys.readouterr().out
+  assert "| VPT-deep |" in printed and "VTAB Natural" in printed
+  with open(out_csv) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 1
+  assert float(rows[0]["test_top1"]) == pytest.approx(s["test_top1_mean"], abs=1e-6)
