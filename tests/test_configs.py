@@ -52,3 +52,13 @@ def test_fgvc_preprocessing_splits_and_official_lr():
 
 def test_split_arg():
   assert common.split_arg("a, final ,x.y=1") == (["a", "final"], ["x.y=1"])
+
+
+def test_vtab_from_pre_extracted_folders():
+  c = vtab.get_config("dsprites_location,folder,data.root=/data/vtab-1k/dsprites_loc")
+  assert (c.data.source, c.data.root, c.data.label_transform) == (
+      "vtab_folder", "/data/vtab-1k/dsprites_loc", "")
+  assert (c.data.train_split, c.data.val_split, c.data.test_split) == ("train800", "val200", "test")
+  assert c.data.num_classes == 16 and c.task == "dsprites_location"
+  final = vtab.get_config("cifar100,folder,final")
+  assert (final.data.train_split, final.data.val_split) == ("train800val200", "")

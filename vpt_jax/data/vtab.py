@@ -51,50 +51,54 @@ def _val_from_train(fraction: float, size: int) -> str:
   return f"train[{start}:{start + 200}]"
 
 
-# (tfds split sizes are those of the builder versions listed.)
+# Sources: the VPT repository's src/data/vtab_datasets/<file>.py (from task_adaptation) named in
+# each row's comment, its VTAB_SETUP.md for builder versions, and the tfds split sizes of the
+# builder versions listed (used for the fractional cuts).
 TASKS: Dict[str, Task] = {t.name: t for t in [
     # Natural
     Task("caltech101", "natural", "caltech101:3.*.*", 102, "train[:800]",
-         _val_from_train(0.9, 3060), "test"),                 # train 3060, val at 90%
+         _val_from_train(0.9, 3060), "test"),                 # caltech.py; train 3060, val at 90%
     Task("cifar100", "natural", "cifar100:3.*.*", 100, "train[:800]",
-         _val_from_train(0.9, 50000), "test"),                # train 50000, val at 90%
-    Task("dtd", "natural", "dtd:3.*.*", 47, "train[:800]", "validation[:200]", "test"),
+         _val_from_train(0.9, 50000), "test"),                # cifar.py; train 50000, val at 90%
+    Task("dtd", "natural", "dtd:3.*.*", 47, "train[:800]", "validation[:200]", "test"),  # dtd.py
     Task("oxford_flowers102", "natural", "oxford_flowers102:2.*.*", 102, "train[:800]",
-         "validation[:200]", "test"),
+         "validation[:200]", "test"),                         # oxford_flowers102.py
     # VPT used 3.2.0; tfds now serves only 4.x of this builder (same train/test images).
     Task("oxford_iiit_pet", "natural", "oxford_iiit_pet:4.*.*", 37, "train[:800]",
-         _val_from_train(0.8, 3680), "test"),                 # train 3680, val at 80%
+         _val_from_train(0.8, 3680), "test"),                 # oxford_iiit_pet.py; 3680, 80%
     Task("svhn", "natural", "svhn_cropped:3.*.*", 10, "train[:800]",
-         _val_from_train(0.9, 73257), "test"),                # train 73257, val at 90%
-    Task("sun397", "natural", "sun397/tfds:4.*.*", 397, "train[:800]", "validation[:200]", "test"),
+         _val_from_train(0.9, 73257), "test"),                # svhn.py; train 73257, 90%
+    Task("sun397", "natural", "sun397/tfds:4.*.*", 397, "train[:800]", "validation[:200]",
+         "test"),                                             # sun397.py
     # Specialized
     Task("patch_camelyon", "specialized", "patch_camelyon:2.*.*", 2, "train[:800]",
-         "validation[:200]", "test"),
+         "validation[:200]", "test"),                         # patch_camelyon.py
     Task("eurosat", "specialized", "eurosat/rgb:2.*.*", 10, "train[:800]",
-         _val_from_train(0.6, 27000), f"train[{_at(0.8, 27000)}:]"),      # 60/20/20 of 27000
+         _val_from_train(0.6, 27000), f"train[{_at(0.8, 27000)}:]"),  # eurosat.py; 60/20/20
     Task("resisc45", "specialized", "resisc45:3.*.*", 45, "train[:800]",
-         _val_from_train(0.6, 31500), f"train[{_at(0.8, 31500)}:]"),      # 60/20/20 of 31500
+         _val_from_train(0.6, 31500), f"train[{_at(0.8, 31500)}:]"),  # resisc45.py; 60/20/20
     Task("diabetic_retinopathy", "specialized",
          "diabetic_retinopathy_detection/btgraham-300:3.*.*", 5, "train[:800]",
-         "validation[:200]", "test"),
+         "validation[:200]", "test"),                         # diabetic_retinopathy.py
     # Structured
     Task("clevr_count", "structured", "clevr:3.*.*", 8, "train[:800]",
-         _val_from_train(0.9, 70000), "validation",           # clevr's test is its validation
+         _val_from_train(0.9, 70000), "validation",           # clevr.py; test = validation
          label_transform="clevr_count"),
     Task("clevr_distance", "structured", "clevr:3.*.*", 6, "train[:800]",
          _val_from_train(0.9, 70000), "validation", label_transform="clevr_distance"),
-    Task("dmlab", "structured", "dmlab:2.0.1", 6, "train[:800]", "validation[:200]", "test"),
-    # The VTAB repository names kitti 3.1.0; 3.2.0 is the version that has the needed splits.
+    Task("dmlab", "structured", "dmlab:2.0.1", 6, "train[:800]", "validation[:200]",
+         "test"),                                             # dmlab.py
+    # kitti.py. The VTAB repository names kitti 3.1.0; 3.2.0 is the version with these splits.
     Task("kitti_distance", "structured", "kitti:3.2.0", 4, "train[:800]", "validation[:200]",
          "test", label_transform="kitti_distance"),
     Task("dsprites_location", "structured", "dsprites:2.*.*", 16, "train[:800]",
-         _val_from_train(0.8, 737280), f"train[{_at(0.9, 737280)}:]",      # 80/10/10
+         _val_from_train(0.8, 737280), f"train[{_at(0.9, 737280)}:]",  # dsprites.py; 80/10/10
          label_key="label_x_position", label_transform="dsprites_location"),
     Task("dsprites_orientation", "structured", "dsprites:2.*.*", 16, "train[:800]",
          _val_from_train(0.8, 737280), f"train[{_at(0.9, 737280)}:]",
          label_key="label_orientation", label_transform="dsprites_orientation"),
     Task("smallnorb_azimuth", "structured", "smallnorb:2.*.*", 18, "train[:800]", "test[:200]",
-         "test[50%:]", label_key="label_azimuth"),
+         "test[50%:]", label_key="label_azimuth"),            # smallnorb.py: val/test from test
     Task("smallnorb_elevation", "structured", "smallnorb:2.*.*", 9, "train[:800]", "test[:200]",
          "test[50%:]", label_key="label_elevation"),
 ]}
