@@ -19,7 +19,7 @@ the sequence does not matter ([x, P, E] and [x, E, P] give the same class-token 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Tuple
+from typing import Callable, Tuple
 
 import flax.linen as nn
 import jax
@@ -295,14 +295,3 @@ def load_init(prompts: dict, cfg: ml_collections.ConfigDict) -> dict:
   except (OSError, ValueError) as e:
     raise ValueError(f"config prompt.init={cfg.init!r}: cannot read a .npy array ({e})") from e
   return init_from_array(prompts, array, source=cfg.init)
-
-
-def count_params(tree: Any) -> int:
-  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
-
-
-def describe(cfg: ml_collections.ConfigDict, num_layers: int) -> str:
-  """A short human label, e.g. 'VPT-deep p=50 (layers 0-11)'."""
-  layers = prompted_layers(num_layers, deep=cfg.deep, depth=cfg.depth, reverse=cfg.reverse)
-  kind = "deep" if cfg.deep else "shallow"
-  return f"VPT-{kind} p={cfg.length} {cfg.location} (layers {layers[0]}-{layers[-1]})"
