@@ -115,3 +115,23 @@ def test_every_task_loads_through_tfds(name):
   for s in splits.values():
     assert len(s) == 12 and s.encoded
     assert s.labels.min() >= 0 and s.labels.max() < t.num_classes
+
+
+def test_unreadable_tfds_images_fail_or_are_skipped_with_a_count():
+  good = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+
+  def as_dataset(*args, **kwargs):
+    images = [good, b"not an image", good, b"\x00\x01"]
+    return tf.data.Dataset.from_tensor_slices({"image": images, "label": [0, 1, 2, 3]})
+  cfg = sources.default_config()
+  cfg.update(dict(source="tfds", name="cifar100:3.*.*", num_classes=10))
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    with pytest.raises(ValueError, match=r"example 1 is not a JPEG/PNG/GIF/BMP image \(2 such\)"):
+      sources.load_splits(cfg, ["train"])
+    cfg.on_bad_image = "skip"
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\), examples \[1, 3\]"):
+      split = sources.load_splits(cfg, ["train"])["train"]
+  assert list(split.labels) == [0, 2]
+  cfg.on_bad_image = "ignore"
+  with pytest.raises(ValueError, match="data.on_bad_image='ignore'"):
+    sources.load_splits(cfg, ["train"])

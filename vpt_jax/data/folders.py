@@ -71,7 +71,7 @@ def _parse_label(value: object, where: str) -> int:
   return label
 
 
-def _is_image(data: bytes) -> bool:
+def is_image(data: bytes) -> bool:
   return data.startswith(_SIGNATURES)
 
 
@@ -85,7 +85,7 @@ def _read_items(items: Sequence[_Item], what: str, on_bad_image: str) -> Split:
       raise FileNotFoundError(f"{path}: image listed in {listed} is missing")
     with open(path, "rb") as f:
       data = f.read()
-    if not _is_image(data):
+    if not is_image(data):
       if on_bad_image == "fail":
         raise ValueError(
             f"{path}: not a JPEG/PNG/GIF/BMP image (starts with {data[:8]!r}), listed in {listed}; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Dict, Sequence
 
 import ml_collections
@@ -109,7 +110,18 @@ def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
     labels.append(transform(ex) if transform else ex[cfg.label_key])
   if not labels:
     raise ValueError(f"config data.name={cfg.name!r} split {split!r} is empty")
-  return Split(np.array(images, dtype=object), np.asarray(labels, np.int32))
+  bad = [i for i, im in enumerate(images) if not _folders().is_image(im)]
+  if bad:
+    where = f"config data.name={cfg.name!r} split {split!r}"
+    if cfg.on_bad_image != "skip":
+      raise ValueError(f"{where}: example {bad[0]} is not a JPEG/PNG/GIF/BMP image ({len(bad)} "
+                       "such); set data.on_bad_image='skip' to drop them")
+    warnings.warn(f"{where}: skipped {len(bad)} unreadable image(s), examples {bad[:5]}")
+    keep = sorted(set(range(len(images))) - set(bad))
+    images, labels = [images[i] for i in keep], [labels[i] for i in keep]
+  out = np.empty(len(images), dtype=object)  # one by one: np.array would try to merge bytes
+  out[:] = images
+  return Split(out, np.asarray(labels, np.int32))
 
 
 def _folders():
@@ -152,6 +164,8 @@ def load_splits(cfg: ml_collections.ConfigDict, names: Sequence[str]) -> Dict[st
   """The named splits (e.g. cfg.train_split) of the configured source, checked."""
   if cfg.source not in SOURCES:
     raise ValueError(f"config data.source={cfg.source!r}: expected one of {', '.join(SOURCES)}")
+  if cfg.on_bad_image not in ("fail", "skip"):
+    raise ValueError(f"config data.on_bad_image={cfg.on_bad_image!r}: 'fail' or 'skip'")
   if cfg.source in ("vtab_folder", "fgvc_json", "folder") and not cfg.root:
     raise ValueError(f"config data.root must name the dataset folder for source {cfg.source!r}")
   out = {}
