@@ -102,8 +102,9 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
       mcfg.checkpoint, image_size=mcfg.image_size or None, num_classes=num_classes,
       drop_pre_logits=mcfg.drop_pre_logits, dtype=jnp.dtype(mcfg.dtype))
   prompts.check_config(config.prompt, base)
-  model = prompts.attach(base, config.prompt) if config.prompt.length else base
-  if config.prompt.length:
+  prompted = config.prompt.length or config.prompt.kv_length
+  model = prompts.attach(base, config.prompt) if prompted else base
+  if prompted:
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
     variables = {**variables,
                  "prompts": prompts.load_init(prompts.init_prompts(model, rng), config.prompt)}

@@ -59,10 +59,17 @@ def default_config() -> ml_collections.ConfigDict:
     embeddings); loaded by `init_from_array`.
   dropout: dropout rate on the prompt tokens (training only).
   project: >0: prompts live in this smaller dimension and a trainable Dense maps them to d.
+  kv_length: E2VPT key-value prompts: this many learnable tokens appended to the keys and values
+    (after their projections, per head) inside the attention of every layer; 0 = none. Queries
+    get none, so the sequence keeps its length.
+  kv_shared: one tensor per layer serves as both the extra keys and the extra values (the
+    official E2VPT code); False learns separate key and value prompts.
+  kv_deep: key-value prompts in every layer; False = in the first layer only.
   """
   return ml_collections.ConfigDict(dict(
       length=50, deep=True, depth=0, reverse=False, shared=False, expand=True,
-      location="prepend", pool="original", init="uniform", dropout=0.0, project=0))
+      location="prepend", pool="original", init="uniform", dropout=0.0, project=0, kv_length=0,
+      kv_shared=True, kv_deep=True))
 
 
 def prompted_layers(num_layers: int, *, deep: bool, depth: int = 0,
@@ -101,11 +108,19 @@ class VPT(EncoderHooks):
   pool: str = "original"
   dropout: float = 0.0
   project: int = 0
+  kv_length: int = 0
+  kv_shared: bool = True
+  kv_layers: Tuple[int, ...] = ()
+  num_heads: int = 1
 
   @property
   def init_bound(self) -> float:
     ph, pw = self.patch_size
     return math.sqrt(6.0 / (self.in_channels * ph * pw + self.width))
+
+  @property
+  def kv_bound(self) -> float:
+    return math.sqrt(6.0 / (self.kv_length * (self.width // self.num_heads)))
 
   def setup(self):
     p, d, bound = self.length, self.width, self.init_bound
@@ -142,6 +157,13 @@ class VPT(EncoderHooks):
       self.proj_kernel = var("proj_kernel", (dp, d),
                              lambda k, s: jax.random.normal(k, s) * math.sqrt(2.0 / d))
       self.proj_bias = var("proj_bias", (d,), lambda k, s: jnp.zeros(s, jnp.float32))
+    if self.kv_length:
+      # (layers, heads, n, head_dim) as the official code; Kaiming-uniform over its fan-in
+      # n * head_dim: U(-b, b), b = sqrt(6 / (n * head_dim)).
+      shape = (len(self.kv_layers), self.num_heads, self.kv_length, d // self.num_heads)
+      self.kv_keys = var("kv", shape, _uniform(self.kv_bound))
+      if not self.kv_shared:
+        self.kv_values = var("kv_values", shape, _uniform(self.kv_bound))
     self.drop = nn.Dropout(self.dropout)
 
   # -- helpers -----------------------------------------------------------------------------------
@@ -197,6 +219,14 @@ class VPT(EncoderHooks):
       return jnp.concatenate([x[:, :k], x[:, k + n:]], axis=1)
     return x
 
+  def extra_kv(self, layer, *, batch_size, train):
+    if not self.kv_length or layer not in self.kv_layers:
+      return None
+    i = self.kv_layers.index(layer)
+    keys = jnp.swapaxes(self.kv_keys.value[i], 0, 1)  # (n, heads, head_dim)
+    values = keys if self.kv_shared else jnp.swapaxes(self.kv_values.value[i], 0, 1)
+    return keys, values
+
   def after_encoder(self, x, *, train):
     n, k = self._num_prompts(x), self.num_prefix
     if self.pool == "original":
@@ -232,6 +262,9 @@ def check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> No
     raise ValueError("config prompt.shared=True (deep-shared) needs prompt.deep=True")
   if not 0.0 <= cfg.dropout < 1.0:
     raise ValueError(f"config prompt.dropout={cfg.dropout} must be in [0, 1)")
+  if cfg.kv_length < 0:
+    raise ValueError(f"config prompt.kv_length={cfg.kv_length} must be >= 0 (0 = no key-value "
+                     "prompts)")
   if cfg.project < 0:
     raise ValueError(f"config prompt.project={cfg.project} must be >= 0 (0 = no projection)")
   if cfg.project and cfg.location not in ("prepend", "add", "add-1"):
@@ -260,6 +293,8 @@ def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict) -> VisionTr
               patch_size=tuple(model.patch_size), image_size=tuple(model.image_size),
               in_channels=model.in_channels, num_prefix=int(model.class_token),
               num_patches=model.grid[0] * model.grid[1], shared=cfg.shared, expand=cfg.expand,
+              kv_length=cfg.kv_length, kv_shared=cfg.kv_shared, num_heads=model.num_heads,
+              kv_layers=tuple(range(model.depth)) if cfg.kv_deep else (0,),
               location=cfg.location, pool=cfg.pool, dropout=cfg.dropout, project=cfg.project)
   pool_type = {"original": model.pool_type, "cls": "token"}.get(cfg.pool, "gap")
   return model.clone(hooks=hooks, pool_type=pool_type)
