@@ -131,12 +131,9 @@ def test_cached_preprocessing_equals_the_uncached_path(digits):
   cached = pipeline.Pipeline(split, pre, batch_size=16, seed=0)
   plain = pipeline.Pipeline(split, pre, batch_size=16, seed=0, cache_bytes=0)
   assert cached._cached is not None and plain._cached is None
-  for a, b in zip(cached.train_batches(45), plain.train_batches(45)):
+  for _, a, b in zip(range(10), cached.train_batches(45), plain.train_batches(45)):  # crosses epoch 1
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
-    if a is not None and len(a["label"]) and b["label"][0] == -1:
-      break
-    break
   ev = [list(p.eval_batches()) for p in (cached, plain)]
   for a, b in zip(*ev):
     np.testing.assert_array_equal(a["image"], b["image"])

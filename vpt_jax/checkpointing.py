@@ -20,7 +20,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from vpt_jax import builder, partition, train
@@ -77,8 +76,7 @@ class Checkpointer:
     check_fingerprint(meta["fingerprint"], self.fingerprint, where=f"{mngr.directory}/{step}")
     # Restore onto the shardings of the abstract state (or replicated over this process's devices),
     # never onto the saved ones: a run may resume on another number of devices.
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)), jax.sharding.PartitionSpec())
+    replicated, _ = train.mesh_shardings()
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, "sharding", None) or replicated),

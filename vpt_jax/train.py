@@ -152,7 +152,7 @@ def make_eval_step(model: Any) -> Callable:
 # The training run.
 
 
-def _mesh_shardings():
+def mesh_shardings():
   """A 1-D device mesh over every device of every host: batch split, parameters replicated."""
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                      f"{d.train_split!r} ({len(splits[d.train_split])} examples)")
   total = int(config.optim.epochs * spe)
 
-  replicated, batch_sharding = _mesh_shardings()
+  replicated, batch_sharding = mesh_shardings()
   trainable, frozen = partition.split(built.variables, built.mask)
   frozen = jax.device_put(frozen, replicated)
   tx, schedule = make_optimizer(config.optim, spe)
