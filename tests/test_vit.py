@@ -151,3 +151,37 @@ def test_gradient_reaches_prompts_but_not_through_params():
       "tokens": prompts["hooks"]["tokens"].at[1, 0, 5].add(s)}}
   fd = (loss(bump(eps)) - loss(bump(-eps))) / (2 * eps)
   np.testing.assert_allclose(g[1, 0, 5], fd, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_start_layer_continues_from_the_sown_tokens(start):
+  """Entering at layer j with block_{j-1}'s output gives the full model's logits, exactly."""
+  base, variables = vpt_jax.load_pretrained(data_path("vitjax_token.npz"))
+  full, state = base.apply(variables, IMAGES, mutable=["intermediates"])
+  tokens = state["intermediates"]["Transformer"][f"block_{start - 1}"][0]
+  resumed = base.apply(variables, tokens, start_layer=start)
+  np.testing.assert_array_equal(resumed, full)
+  with pytest.raises(ValueError, match="start_layer=1 takes"):
+    base.apply(variables, IMAGES, start_layer=1)
+  with pytest.raises(ValueError, match="start_layer=3 must be in 0..2"):
+    base.apply(variables, tokens, start_layer=3)
+
+
+class ScaleHooks(EncoderHooks):
+  """Doubles layer 1's MLP output and halves the head input: two independent formulas."""
+
+  def mlp_output(self, layer, y, *, train):
+    return 2.0 * y if layer == 1 else y
+
+  def head_input(self, x, images, *, train):
+    assert images is not None and images.ndim == 4
+    return 0.5 * x
+
+
+def test_mlp_output_and_head_input_hooks_match_numpy():
+  model, variables = _hooked(ScaleHooks())
+  params = flat(variables["params"])
+  got = model.apply(variables, IMAGES, mutable=["intermediates"])[1]["intermediates"]
+  expected = numpy_vit.forward(params, IMAGES, patch=4, depth=2, pool="token", cls_row=True,
+                               mlp_scale={1: 2.0}, head_input=True)
+  close(got["head_input"][0], 0.5 * expected)

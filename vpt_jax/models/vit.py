@@ -14,8 +14,9 @@ Parameter tree (linen names; `vpt_jax.checkpoints` maps both published file layo
     head/{kernel,bias}               when `num_classes`
 
 Prompts and other additions never fork this file: the encoder calls an optional `EncoderHooks`
-module before every layer (to insert or replace tokens) and inside every attention (to append
-extra keys/values). The hooks module is a child of the ViT, so its variables live in the same
+module before every layer (to insert or replace tokens), inside every attention (to append
+extra keys/values), on every MLP output (adapters) and on the head's input (MLP heads, side
+networks). `start_layer` enters the model at a later layer, for cached frozen prefixes. The hooks module is a child of the ViT, so its variables live in the same
 variable dict, in whatever collection it chooses (VPT uses 'prompts').
 
 Numerics follow the originals: pre-LN blocks, LayerNorm eps 1e-6, tanh-approximate GELU (flax's
@@ -30,6 +31,7 @@ cost otherwise.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -81,9 +83,22 @@ class EncoderHooks(nn.Module):
     del layer, batch_size, train
     return None
 
+  def mlp_output(self, layer: int, y: Array, *, train: bool) -> Array:
+    """The MLP output of layer `layer` before it is added to the residual stream (adapters)."""
+    del layer, train
+    return y
+
   def after_encoder(self, x: Array, *, train: bool) -> Array:
     """The tokens (after the final LayerNorm) that the model's pooling reads."""
     del train
+    return x
+
+  def head_input(self, x: Array, images: Optional[Array], *, train: bool) -> Array:
+    """The features the head reads (after pooling and pre_logits): MLP heads, side networks.
+
+    `images` is the model's input, or None when the model was entered at a later layer.
+    """
+    del images, train
     return x
 
 
@@ -158,7 +173,7 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, extra_kv: Optional[KeyValue] = None,
-               train: bool = False) -> Array:
+               mlp_hook: Optional[Callable[[Array], Array]] = None, train: bool = False) -> Array:
     y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_0")(x)
     y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                      name="MultiHeadDotProductAttention_0")(y, y, extra_kv=extra_kv)
@@ -166,6 +181,8 @@ class Encoder1DBlock(nn.Module):
     x = x + y
     y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_1")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_0")(y, train=train)
+    if mlp_hook is not None:
+      y = mlp_hook(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     return x + y
 
@@ -180,15 +197,16 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, hooks: Optional[EncoderHooks] = None,
+  def __call__(self, x: Array, *, hooks: Optional[EncoderHooks] = None, start_layer: int = 0,
                train: bool = False) -> Array:
-    for i in range(self.depth):
-      kv = None
+    for i in range(start_layer, self.depth):
+      kv = mlp_hook = None
       if hooks is not None:
         x = hooks.before_layer(i, x, train=train)
         kv = hooks.extra_kv(i, batch_size=x.shape[0], train=train)
+        mlp_hook = functools.partial(hooks.mlp_output, i, train=train)
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                         name=f"encoderblock_{i}")(x, extra_kv=kv, train=train)
+                         name=f"encoderblock_{i}")(x, extra_kv=kv, mlp_hook=mlp_hook, train=train)
       self.sow("intermediates", f"block_{i}", x)
     return nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(x)
 
@@ -274,8 +292,8 @@ class VisionTransformer(nn.Module):
           f"(batch, {self.image_size[0]}, {self.image_size[1]}, {self.in_channels}) NHWC; "
           "load the checkpoint with load_pretrained(..., image_size=...) to change the resolution")
 
-  @nn.compact
-  def __call__(self, images: Array, *, train: bool = False) -> Array:
+  def _embed(self, images: Array, *, train: bool) -> Array:
+    """Patch embedding, class token, position embedding, inserted tokens: layer 0's input."""
     self._check(images)
     embedding = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size),
                         padding="VALID", dtype=self.dtype, name="embedding")
@@ -306,8 +324,28 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([x[:, :prefix], inserted, x[:, prefix:]], axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
+    return x
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False, start_layer: int = 0) -> Array:
+    """Logits (or features when num_classes is None) for NHWC `images` in [-1, 1].
+
+    start_layer > 0 enters the model later: `images` is then the (batch, tokens, width) sequence
+    that encoder layer `start_layer` receives (the sown 'block_{start_layer - 1}' output; with
+    start_layer == depth, the encoder output before its final LayerNorm). The layers before it are
+    never built, so a frozen prefix can be computed once and cached (the cached-features path).
+    """
+    if not 0 <= start_layer <= self.depth:
+      raise ValueError(f"start_layer={start_layer} must be in 0..{self.depth}")
+    if start_layer:
+      if images.ndim != 3 or images.shape[-1] != self.width:
+        raise ValueError(f"start_layer={start_layer} takes (batch, tokens, {self.width}) token "
+                         f"sequences, got shape {tuple(images.shape)}")
+      x, images = images.astype(jnp.float32), None
+    else:
+      x = self._embed(images, train=train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                name="Transformer")(x, hooks=self.hooks, train=train)
+                name="Transformer")(x, hooks=self.hooks, start_layer=start_layer, train=train)
     self.sow("intermediates", "encoded", x)
     if self.hooks is not None:
       x = self.hooks.after_encoder(x, train=train)
@@ -323,6 +361,8 @@ class VisionTransformer(nn.Module):
 
     if self.representation_size:
       x = jnp.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
+    if self.hooks is not None:
+      x = self.hooks.head_input(x, images, train=train)
     self.sow("intermediates", "head_input", x)
 
     if self.num_classes:
