@@ -27,9 +27,10 @@ setuptools.setup(
         "importlib_resources",  # tensorflow-datasets' resource lookups when offline
         "pillow",
         "tensorboard",  # event files for tf.summary (tensorflow-cpu does not pull it in)
-        "scikit-learn",  # the offline demo dataset (digits)
+        "scikit-learn",  # the offline demo dataset (digits), t-SNE
+        "matplotlib",  # PNG pictures (t-SNE, training curves, attention maps)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "scipy"],
+        "test": ["pytest>=8", "pytest-xdist", "scipy", "nbclient", "nbformat", "ipykernel"],
     },
 )
