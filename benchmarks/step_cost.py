@@ -3,11 +3,14 @@
     python benchmarks/step_cost.py                 # tiny model and ViT-B/16 at 224, batch 8
     python benchmarks/step_cost.py --models=tiny   # seconds, for a quick look
 
-Prints one JSON line. For each model and protocol (VPT-shallow p=50, VPT-deep p=50, full
-fine-tuning): forward and train-step FLOPs from XLA's cost analysis (the step includes the
+Prints one JSON line. For each model, protocol (VPT-shallow p=50, VPT-deep p=50, full
+fine-tuning, linear probe = the plain ViT's forward) and execution path (`fast`: compute only
+what the output needs; `straightforward`: every row of every layer): forward and train-step FLOPs from XLA's cost analysis (the step includes the
 gradient-norm logging the trainer does), their ratio, the compiled step's memory, images/s over
 timed steps, and the FLOP/s achieved; plus the machine's large-matmul FLOP/s measured in the same
 run. Targets (issue 3): VPT step <= 2.05x its forward FLOPs; achieved >= 80% of the matmul FLOP/s.
+Targets (issue 9): VPT-deep fast forward <= 1.05x the plain ViT's forward FLOPs; VPT-deep fast
+train step >= 1.3x the images/s of the straightforward path.
 Weights are random (the cost does not depend on them), so no checkpoint is downloaded.
 """
 
@@ -39,7 +42,9 @@ PROTOCOLS = {
     "vpt_shallow_p50": ("vpt", dict(length=50, deep=False)),
     "vpt_deep_p50": ("vpt", dict(length=50, deep=True)),
     "full": ("full", None),
+    "linear": ("linear", None),
 }
+PATHS = {"fast": True, "straightforward": False}
 
 
 def matmul_flops_per_s(n: int = 4096, reps: int = 5) -> float:
@@ -52,8 +57,9 @@ def matmul_flops_per_s(n: int = 4096, reps: int = 5) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, steps: int) -> dict:
-  model = arch.model()
+def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, steps: int,
+            fast: bool) -> dict:
+  model = arch.model(fast_path=fast)
   if prompt_kw is not None:
     cfg = prompts.default_config()
     cfg.update(prompt_kw)
@@ -102,18 +108,28 @@ def main() -> None:
   ap.add_argument("--models", default="tiny,vit-b16")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--paths", default="fast,straightforward")
   args = ap.parse_args()
   matmul = matmul_flops_per_s()
   out = {"benchmark": "step_cost", "device": str(jax.devices()[0].device_kind),
          "backend": jax.default_backend(), "host": platform.node(), "batch": args.batch,
          "matmul_gflops_per_s": round(matmul / 1e9, 1), "models": {}}
   for name in args.models.split(","):
-    res = {p: measure(MODELS[name], proto, kw, args.batch, args.steps)
-           for p, (proto, kw) in PROTOCOLS.items()}
-    for r in res.values():
-      r["achieved_over_matmul"] = round(r["achieved_gflops_per_s"] * 1e9 / matmul, 3)
-    res["deep_fwd_over_plain_fwd"] = round(
-        res["vpt_deep_p50"]["fwd_gflops"] / res["full"]["fwd_gflops"], 4)
+    res = {}
+    for path in args.paths.split(","):
+      for p, (proto, kw) in PROTOCOLS.items():
+        r = measure(MODELS[name], proto, kw, args.batch, args.steps, PATHS[path])
+        r["achieved_over_matmul"] = round(r["achieved_gflops_per_s"] * 1e9 / matmul, 3)
+        res[f"{p}/{path}"] = r
+    for path in args.paths.split(","):
+      res[f"deep_fwd_over_plain_fwd/{path}"] = round(
+          res[f"vpt_deep_p50/{path}"]["fwd_gflops"] / res[f"linear/{path}"]["fwd_gflops"], 4)
+    if "straightforward" in args.paths and "fast" in args.paths:
+      deep_f, deep_s = res["vpt_deep_p50/fast"], res["vpt_deep_p50/straightforward"]
+      res["deep_fast_fwd_over_plain_straightforward_fwd"] = round(
+          deep_f["fwd_gflops"] / res["linear/straightforward"]["fwd_gflops"], 4)
+      res["deep_fast_over_straightforward_images_per_s"] = round(
+          deep_f["images_per_s"] / deep_s["images_per_s"], 3)
     out["models"][name] = res
   print(json.dumps(out))
 

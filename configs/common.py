@@ -8,9 +8,9 @@ trained on (`data.normalization='imagenet'` reproduces the official VPT code).
 
 import ml_collections
 
-from vpt_jax import train
+from vpt_jax import pruning, train
 from vpt_jax.data import sources
-from vpt_jax.models import prompts
+from vpt_jax.models import heads, prompts
 
 
 def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
@@ -22,10 +22,12 @@ def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
   num_classes: the new head's classes; 0 = the dataset's.
   drop_pre_logits: remove the tanh representation layer of ImageNet-21k checkpoints (VPT does).
   dtype: compute dtype of the matmuls, 'float32' or 'bfloat16'.
+  fast_path: compute only what the output needs (exact: same logits and gradients): VPT-deep
+    prompts as keys/values only, a class-token-only last layer; False = the straightforward path.
   """
   return ml_collections.ConfigDict(dict(
       checkpoint=checkpoint, image_size=0, num_classes=0, drop_pre_logits=False,
-      dtype="float32"))
+      dtype="float32", fast_path=True))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -36,8 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = backbone()
   c.model.drop_pre_logits = True         # VPT reads the class token after the final LayerNorm
   c.prompt = prompts.default_config()    # VPT-deep, p = 50
-  c.protocol = "vpt"                     # vpt | linear | full | bias | partial-k
+  c.protocol = "vpt"                     # vpt | linear | full | bias | partial-k | mlp-k | adapter | side
+  c.modules = heads.default_config()     # options of mlp-k / adapter / side (README "baselines")
   c.trainable = ()                       # regexes over variable paths; replace the protocol's
+  c.prune = pruning.default_config()     # E2VPT pruning (python -m vpt_jax.prune)
   c.optim = train.default_optim_config()  # SGD momentum 0.9, warmup 10 + cosine to 100 epochs
   c.data = sources.default_config()
   c.batch_size = 128
@@ -46,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10
   c.checkpoint_every_steps = 0           # 0 = at the end of every epoch
   c.keep_checkpoints = 3                 # the last N; the best-on-validation is kept as well
+  c.cache_features = "auto"              # frozen prefix computed once per image: auto | true | false
   return c
 
 

@@ -69,7 +69,8 @@ def head(p, f):
 
 
 def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=None,
-            patch_tokens=None, return_tokens=False, mlp_scale=None, head_input=False):
+            patch_tokens=None, return_tokens=False, mlp_scale=None, head_input=False,
+            mlp_fn=None, features_fn=None):
   """Logits (or features when there is no head) of a ViT.
 
   insert: {layer: (fn(x) -> x)} applied to the sequence before that layer.
@@ -78,6 +79,8 @@ def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=Non
   return_tokens: return the final-LayerNorm token sequence instead of the logits.
   mlp_scale: {layer: s} multiplies that layer's MLP output by s before the residual.
   head_input: return the features the head reads (after pre_logits) instead of the logits.
+  mlp_fn: {layer: fn(y) -> y} applied to that layer's MLP output before the residual (adapters).
+  features_fn: fn(features) -> features between pre_logits and the head (MLP heads, side nets).
   """
   g = lambda n: np.asarray(p[n], np.float64)
   t = embed_patches(p, images, patch) if patch_tokens is None else patch_tokens
@@ -96,7 +99,8 @@ def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=Non
     kv = extra_kv.get(i) if extra_kv else None
     t = t + attention(p, f"{blk}/MultiHeadDotProductAttention_0", y, y, kv)
     y = layer_norm(t, g(f"{blk}/LayerNorm_1/scale"), g(f"{blk}/LayerNorm_1/bias"))
-    t = t + (mlp_scale or {}).get(i, 1.0) * mlp(p, f"{blk}/MlpBlock_0", y)
+    y = (mlp_scale or {}).get(i, 1.0) * mlp(p, f"{blk}/MlpBlock_0", y)
+    t = t + (mlp_fn or {}).get(i, lambda v: v)(y)
   t = layer_norm(t, g("Transformer/encoder_norm/scale"), g("Transformer/encoder_norm/bias"))
   if return_tokens:
     return t
@@ -109,6 +113,10 @@ def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=Non
     a = attention(p, "MAPHead_0/MultiHeadDotProductAttention_0", probe, t)
     y = layer_norm(a, g("MAPHead_0/LayerNorm_0/scale"), g("MAPHead_0/LayerNorm_0/bias"))
     f = (a + mlp(p, "MAPHead_0/MlpBlock_0", y))[:, 0]
+  if head_input or features_fn:
+    f = head({k: v for k, v in p.items() if not k.startswith("head/")}, f)
   if head_input:
-    return head({k: v for k, v in p.items() if not k.startswith("head/")}, f)
+    return f
+  if features_fn:
+    return head({k: v for k, v in p.items() if k.startswith("head/")}, features_fn(f))
   return head(p, f)

@@ -38,8 +38,12 @@ def _jitted(model):
 
 
 def run(model, variables, images):
-  """(logits, intermediates as numpy arrays) with one compile per distinct model."""
-  logits, state = _jitted(model)(variables, images)
+  """(logits, intermediates as numpy arrays) with one compile per distinct model.
+
+  The straightforward path, whose intermediates are full size (the fast path's last block and
+  `encoded` hold the class-token row only); tests compare the fast path's logits separately.
+  """
+  logits, state = _jitted(model.clone(fast_path=False))(variables, images)
   inter = traverse_util.flatten_dict(state["intermediates"], sep="/")
   return np.asarray(logits), {k.split("/")[-1]: np.asarray(v[0]) for k, v in inter.items()}
 
@@ -63,6 +67,7 @@ def test_golden_outputs_32px(ckpt):
   model, variables = vpt_jax.load_pretrained(data_path(ckpt))
   logits, inter = run(model, variables, io["images"])
   close(logits, io["logits"])
+  close(np.asarray(jax.jit(model.apply)(variables, io["images"])), io["logits"])  # fast path
   close(inter["head_input"], io["pre_logits"])
   close(inter["stem"], io["stem"])
   close(inter["encoded"], io["encoded"])

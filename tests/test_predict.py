@@ -48,3 +48,13 @@ def test_command_runs_offline_on_test_patterns():
   lines = [l for l in out.stdout.splitlines() if ": class " in l]
   assert len(lines) == 4 and lines[0].startswith("gradient-horizontal: class ")
   assert "width 64, depth 2" in out.stdout
+
+
+def test_config_of_an_older_version_gets_the_new_options_at_their_defaults():
+  from vpt_jax import checkpointing
+  old = {"model": {"checkpoint": "demo-vit"}, "prompt": {"length": 4}, "seed": 0}
+  new = checkpointing.with_new_defaults(old)
+  assert new["model"] == {"checkpoint": "demo-vit", "fast_path": True}
+  assert new["prompt"]["length"] == 4 and new["prompt"]["masks"] is False
+  assert new["prompt"]["init_seed"] == -1 and new["cache_features"] == "auto"
+  assert "token_fraction" in new["prune"] and new["seed"] == 0

@@ -105,9 +105,11 @@ def test_hooks_insert_tokens_and_extra_kv_match_numpy():
   model, variables = _hooked(ToyPrompts())
   prompts = model.init(jax.random.PRNGKey(3), IMAGES[:1])["prompts"]
   assert set(variables) == {"params"} and set(prompts) == {"hooks"}
-  logits, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
-      variables | {"prompts": prompts}, IMAGES)
+  logits, state = jax.jit(lambda v, x: model.clone(fast_path=False).apply(
+      v, x, mutable=["intermediates"]))(variables | {"prompts": prompts}, IMAGES)
   assert state["intermediates"]["encoded"][0].shape == (4, 1 + 3 + 64, 64)
+  # The fast path (class-token row only in the last layer) computes the same logits.
+  close(model.apply(variables | {"prompts": prompts}, IMAGES), logits)
 
   tok = np.asarray(prompts["hooks"]["tokens"], np.float64)
   keys = np.asarray(prompts["hooks"]["keys"])

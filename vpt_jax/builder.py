@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vpt_jax import checkpoints, partition, train
-from vpt_jax.models import prompts
+from vpt_jax import checkpoints, features, partition, train
+from vpt_jax.models import heads, prompts
 from vpt_jax.models.vit import VisionTransformer
 
-_TOP_LEVEL = {"task", "group", "model", "prompt", "protocol", "trainable", "optim", "data", "batch_size", "seed",
-              "eval_every_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"}
+_TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data", "batch_size", "seed",
+              "eval_every_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+              "modules", "cache_features"}
 
 
 @dataclasses.dataclass
@@ -37,17 +38,24 @@ class Built:
     """What a saved trainable subtree is only valid with: backbone identity and model config."""
     m = self.model
     trainable, _ = partition.split(self.variables, self.mask)
+    module_hooks = heads.find_modules(m)
+    prompt_hooks = next((h for h in heads.hook_parts(m) if h is not module_hooks), None)
     return {
         "backbone_sha256": self.backbone_sha256,
         "model": {k: _jsonable(getattr(m, k)) for k in (
             "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes",
             "pool_type", "class_token", "posemb_cls_row", "representation_size", "in_channels")},
-        "prompt_hooks": None if m.hooks is None else {
-            f.name: _jsonable(getattr(m.hooks, f.name)) for f in dataclasses.fields(m.hooks)
-            if f.name not in ("parent", "name")},
+        "prompt_hooks": _hook_fields(prompt_hooks),
         "trainable": {p: list(x.shape) for p, x in zip(partition.leaf_paths(trainable),
                                                          jax.tree.leaves(trainable))},
-    }
+    } | ({} if module_hooks is None else {"module_hooks": _hook_fields(module_hooks)})
+
+
+def _hook_fields(hooks: Any) -> Optional[Dict[str, Any]]:
+  if hooks is None:
+    return None
+  return {f.name: _jsonable(getattr(hooks, f.name)) for f in dataclasses.fields(hooks)
+          if f.name not in ("parent", "name")}
 
 
 def _jsonable(v: Any) -> Any:
@@ -84,6 +92,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   train.lr_schedule(config.optim, steps_per_epoch=1)  # checks lr / epochs / warmup
   if config.optim.name not in ("sgd", "adamw"):
     raise ValueError(f"config optim.name={config.optim.name!r}: expected 'sgd' or 'adamw'")
+  if "modules" in config:
+    heads.check_config(config.modules)
+  heads.protocol_modules(config.protocol)  # checks mlp-k's k
+  if "cache_features" in config:
+    features.cache_mode(config.cache_features)
 
 
 def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None) -> Built:
@@ -101,18 +114,46 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
   base, variables = checkpoints.load_pretrained(
       mcfg.checkpoint, image_size=mcfg.image_size or None, num_classes=num_classes,
       drop_pre_logits=mcfg.drop_pre_logits, dtype=jnp.dtype(mcfg.dtype))
+  base = base.clone(fast_path=mcfg.fast_path)  # read by prompts.attach too
   prompts.check_config(config.prompt, base)
   prompted = config.prompt.length or config.prompt.kv_length
   model = prompts.attach(base, config.prompt) if prompted else base
   if prompted:
-    rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+    seed = config.seed if config.prompt.init_seed < 0 else config.prompt.init_seed
+    rng = jax.random.PRNGKey(seed) if rng is None else rng
     variables = {**variables,
-                 "prompts": prompts.load_init(prompts.init_prompts(model, rng), config.prompt)}
+                 "prompts": prompts.load_init(prompts.init_prompts(model, rng), config.prompt),
+                 **prompts.init_masks(model)}
+    variables = prompts.load_masks(variables, config.prompt)
+  model, variables = _attach_modules(config, model, variables, rng)
   patterns = list(config.trainable) or partition.protocol_patterns(config.protocol,
                                                                    depth=model.depth)
   mask = partition.label(variables, patterns)
   return Built(model=model, variables=variables, patterns=patterns, mask=mask,
                backbone_file=path, backbone_sha256=file_sha256(path))
+
+
+def _attach_modules(config: ml_collections.ConfigDict, model: VisionTransformer,
+                    variables: Dict[str, Any], rng: Optional[jax.Array]):
+  """Adds the protocol's extra modules (MLP-k head, adapters, side network) and their variables.
+
+  Their own key (fold 1 of the run's) keeps the prompts' initial values independent of them.
+  """
+  spec = heads.protocol_modules(config.protocol)
+  if not spec:
+    return model, variables
+  cfg = config.modules if "modules" in config else heads.default_config()
+  model = heads.attach(model, cfg, **spec)
+  rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+  variables = {**variables, heads.COLLECTION: heads.init_modules(model, jax.random.fold_in(rng, 1))}
+  head = variables["params"]["head"]
+  width = heads.head_features(model)
+  if head["kernel"].shape[0] != width:  # an MLP head of another width: a fresh zero head reads it
+    n = head["kernel"].shape[-1]
+    params = {**variables["params"], "head": {"kernel": jnp.zeros((width, n), jnp.float32),
+                                              "bias": jnp.zeros((n,), jnp.float32)}}
+    variables = {**variables, "params": params}
+  return model, variables
 
 
 def describe_difference(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = "") -> List[str]:

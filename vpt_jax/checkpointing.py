@@ -115,7 +115,28 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: not a vpt_jax workdir (run vpt_jax.main first)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(with_new_defaults(json.load(f)))
+
+
+def with_new_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+  """A saved config with the options added since it was written, at their defaults.
+
+  Their defaults reproduce the behaviour of the version that wrote the config (no masks, no
+  modules, same prompt-init seed), so a workdir of an older vpt_jax still loads.
+  """
+  # pylint: disable=g-import-not-at-top
+  from vpt_jax import pruning
+  from vpt_jax.data import sources
+  from vpt_jax.models import heads, prompts
+  sections = {"prompt": prompts.default_config(), "prune": pruning.default_config(),
+              "modules": heads.default_config(), "data": sources.default_config(),
+              "optim": train.default_optim_config()}
+  out = dict(saved)
+  for name, default in sections.items():
+    out[name] = {**default.to_dict(), **out.get(name, {})}
+  out["model"] = {"fast_path": True, **out.get("model", {})}
+  out.setdefault("cache_features", "auto")
+  return out
 
 
 def load_tuned(workdir: str, *, which: str = "best") -> Tuple[Any, Dict[str, Any]]:

@@ -30,6 +30,9 @@ def protocol_patterns(protocol: str, *, depth: Optional[int] = None) -> List[str
 
   vpt: prompts + head. linear: head. full: everything. bias: every bias (BitFit, LayerNorm biases
   included) + head. partial-k (e.g. 'partial-2'): the last k blocks, the final norm and the head.
+  The baselines whose extra modules live in the 'modules' collection (`vpt_jax.models.heads`, which
+  the builder attaches by the same protocol name): mlp-k (k >= 2: the k - 1 hidden layers + head),
+  adapter (every layer's adapter + head), side (side network and its gate + head).
   """
   if protocol == "vpt":
     return [r"prompts/.*", _HEAD]
@@ -39,6 +42,15 @@ def protocol_patterns(protocol: str, *, depth: Optional[int] = None) -> List[str
     return [r".*"]
   if protocol == "bias":
     return [r"params/.*/bias", _HEAD]
+  if protocol == "adapter":
+    return [r"modules/hooks/adapter_\d+/.*", _HEAD]
+  if protocol == "side":
+    return [r"modules/hooks/side/.*", _HEAD]
+  m = re.fullmatch(r"mlp-(\d+)", protocol)
+  if m:
+    if int(m.group(1)) < 2:
+      raise ValueError(f"protocol {protocol!r}: MLP-k needs k >= 2 (k = 1 is protocol 'linear')")
+    return [r"modules/hooks/mlp/.*", _HEAD]
   m = re.fullmatch(r"partial-(\d+)", protocol)
   if m:
     k = int(m.group(1))
@@ -47,7 +59,8 @@ def protocol_patterns(protocol: str, *, depth: Optional[int] = None) -> List[str
     blocks = "|".join(str(i) for i in range(depth - k, depth))
     return [rf"params/Transformer/encoderblock_({blocks})/.*", r"params/Transformer/encoder_norm/.*",
             _HEAD]
-  raise ValueError(f"unknown protocol {protocol!r}; expected vpt, linear, full, bias or partial-k")
+  raise ValueError(f"unknown protocol {protocol!r}; expected vpt, linear, full, bias, partial-k, "
+                   "mlp-k, adapter or side")
 
 
 def leaf_paths(variables: Mapping[str, Any]) -> List[str]:

@@ -193,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   with bit-identical trainable parameters (the input order is a function of seed and step).
   """
   # pylint: disable=g-import-not-at-top; these pull in TensorFlow and orbax, the steps do not.
-  from vpt_jax import builder, checkpointing
+  from vpt_jax import builder, checkpointing, features
   from vpt_jax.data import pipeline, sources
   from vpt_jax.metrics import MetricWriter, Progress
   t_start = time.time()
@@ -249,10 +249,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       f"({report['trainable_percent_of_backbone']:.3f}% of the {report['backbone']:,} backbone); "
       f"{len(splits[d.train_split])} training examples, {spe} steps/epoch, {total} steps")
 
-  train_step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=(0,),
+  # The cached-features path: the frozen layers before the first trainable part run once per image.
+  pipes = {"train": train_pipe, **eval_pipes}
+  cache = features.plan(model, built.mask, mode=config.get("cache_features", "auto"),
+                        deterministic=getattr(pre_train, "deterministic", False),
+                        num_examples=sum(len(p.split) for p in pipes.values()),
+                        process_count=jax.process_count())
+  step_model = model
+  if cache.layer:
+    t0 = time.time()
+    step_model, pipes, nbytes = features.cache_pipelines(model, cache.layer, built.variables, pipes)
+    train_pipe = pipes.pop("train")
+    eval_pipes = pipes
+    say(features.describe(cache, model.depth, f"{nbytes / 2**20:.0f} MiB of token sequences "
+                                              f"computed in {time.time() - t0:.1f} s"))
+  else:
+    say(features.describe(cache, model.depth))
+
+  train_step = jax.jit(make_train_step(step_model, tx, schedule), donate_argnums=(0,),
                        in_shardings=(replicated, replicated, batch_sharding),
                        out_shardings=(replicated, replicated))
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(replicated, replicated, batch_sharding),
+  eval_step = jax.jit(make_eval_step(step_model),
+                      in_shardings=(replicated, replicated, batch_sharding),
                       out_shardings=replicated)
   writer = MetricWriter(workdir, enabled=lead)
   start = int(state.step)
@@ -324,6 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         "trainable_percent_of_backbone": report["trainable_percent_of_backbone"],
         "backbone_params": report["backbone"],
         "per_task_multiple": report["per_task_multiple"],
+        "cached_features_layer": cache.layer or None,
         "steps": total, "epochs": config.optim.epochs,
         "devices": jax.device_count(), "hosts": jax.process_count(),
         "wall_time_s": time.time() - t_start,

@@ -18,6 +18,7 @@ the sequence does not matter ([x, P, E] and [x, E, P] give the same class-token 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable, Tuple
 
@@ -65,11 +66,22 @@ def default_config() -> ml_collections.ConfigDict:
   kv_shared: one tensor per layer serves as both the extra keys and the extra values (the
     official E2VPT code); False learns separate key and value prompts.
   kv_deep: key-value prompts in every layer; False = in the first layer only.
+  masks: E2VPT pruning masks on the visual prompts: a token mask (length,) and a segment mask
+    (length, segments), one pair shared by every prompted layer as in the official code, in the
+    frozen 'prompt_masks' collection. Prompt token t is multiplied by token_mask[t] and dimension
+    j of it by segment_mask[t, j % segments] (segments strided across the dimensions, as the
+    official code). A token whose mask is 0 is removed from attention (never a key or value), so
+    a masked model computes exactly what the compact pruned model computes.
+  segments: R, the number of segments per prompt token (must divide the width).
+  init_seed: seed of the random prompt initialisation; -1 = the run's `seed` (E2VPT rewinding
+    with a fresh init changes only this, not the data order).
+  mask_file: '' (all ones: nothing pruned) or a .npz with 'tokens' (length,) and 'segments'
+    (length, segments) 0/1 arrays, as written by `python -m vpt_jax.prune`.
   """
   return ml_collections.ConfigDict(dict(
       length=50, deep=True, depth=0, reverse=False, shared=False, expand=True,
       location="prepend", pool="original", init="uniform", dropout=0.0, project=0, kv_length=0,
-      kv_shared=True, kv_deep=True))
+      kv_shared=True, kv_deep=True, masks=False, segments=16, mask_file="", init_seed=-1))
 
 
 def prompted_layers(num_layers: int, *, deep: bool, depth: int = 0,
@@ -112,6 +124,11 @@ class VPT(EncoderHooks):
   kv_shared: bool = True
   kv_layers: Tuple[int, ...] = ()
   num_heads: int = 1
+  masks: bool = False
+  segments: int = 16
+  mask_digest: str = ""     # sha256 of the mask values (part of a run's fingerprint)
+  # Prompted layers whose prompt outputs nobody reads: their prompts are keys/values only.
+  kv_only_layers: Tuple[int, ...] = ()
 
   @property
   def init_bound(self) -> float:
@@ -164,15 +181,29 @@ class VPT(EncoderHooks):
       self.kv_keys = var("kv", shape, _uniform(self.kv_bound))
       if not self.kv_shared:
         self.kv_values = var("kv_values", shape, _uniform(self.kv_bound))
+    if self.masks:
+      ones = lambda k, shape: jnp.ones(shape, jnp.float32)
+      self.token_mask = self.variable("prompt_masks", "token_mask", ones, None, (p,))
+      self.segment_mask = self.variable("prompt_masks", "segment_mask", ones, None,
+                                        (p, self.segments))
     self.drop = nn.Dropout(self.dropout)
 
   # -- helpers -----------------------------------------------------------------------------------
 
   def _prompt_set(self, layer: int, batch: int, train: bool) -> Array:
-    """The (batch, n, d) prompts that layer `layer` receives (projected, dropped out)."""
+    """The (batch, n, d) prompts that layer `layer` receives (projected, masked, dropped out).
+
+    batch=0: the (n, d) set shared by the batch (only without active dropout).
+    """
     t = self.tokens.value[0 if self.shared else self.layers.index(layer)]
     if self.project:
       t = t @ self.proj_kernel.value + self.proj_bias.value
+    if self.masks:
+      # Strided segments: dimension j belongs to segment j % R.
+      per_dim = jnp.tile(self.segment_mask.value, (1, self.width // self.segments))
+      t = t * per_dim * self.token_mask.value[:, None]
+    if not batch:
+      return t
     t = jnp.broadcast_to(t, (batch,) + t.shape)
     return self.drop(t, deterministic=not train)
 
@@ -210,6 +241,8 @@ class VPT(EncoderHooks):
     if self.location not in ("prepend", "prepend-pixel"):
       return x
     n, k = self._num_prompts(x), self.num_prefix
+    if layer in self.kv_only_layers:  # prompts enter through `kv_tokens`; drop any flowing in
+      return jnp.concatenate([x[:, :k], x[:, k + n:]], axis=1) if n else x
     if layer in self.layers:
       if layer == 0 and self.location == "prepend-pixel":
         return x  # The pixel prompts were inserted by `embed`.
@@ -227,8 +260,25 @@ class VPT(EncoderHooks):
     values = keys if self.kv_shared else jnp.swapaxes(self.kv_values.value[i], 0, 1)
     return keys, values
 
+  def kv_tokens(self, layer, *, batch_size, train):
+    if layer not in self.kv_only_layers:
+      return None
+    # Shared by the batch (projected once) unless dropout makes every example's set different.
+    batch = batch_size if (train and self.dropout) else 0
+    valid = self.token_mask.value != 0 if self.masks else None
+    return self._prompt_set(layer, batch, train), valid
+
+  def key_mask(self, layer, length, *, train):
+    n, k = length - self.num_prefix - self.num_patches, self.num_prefix
+    if not self.masks or n != self.length:
+      return None
+    return jnp.concatenate([jnp.ones(k, bool), self.token_mask.value != 0,
+                            jnp.ones(self.num_patches, bool)])
+
   def after_encoder(self, x, *, train):
     n, k = self._num_prompts(x), self.num_prefix
+    if x.shape[1] == k:
+      return x  # the fast path's class-token-only last layer
     if self.pool == "original":
       return jnp.concatenate([x[:, :k], x[:, k + n:]], axis=1) if n else x
     if self.pool == "cls":
@@ -272,6 +322,17 @@ def check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> No
   if cfg.location == "pad" and 2 * cfg.length >= min(model.image_size):
     raise ValueError(f"config prompt.length={cfg.length}: a pad this wide leaves no image inside "
                      f"{tuple(model.image_size)}")
+  if cfg.masks or cfg.mask_file:
+    if not (cfg.masks and cfg.location == "prepend" and cfg.length and not cfg.project):
+      raise ValueError("config prompt.masks / prompt.mask_file (E2VPT pruning) need "
+                       "prompt.masks=True, prompt.location='prepend', prompt.length > 0 and "
+                       "prompt.project=0")
+    if cfg.pool in ("prompt", "all"):
+      raise ValueError(f"config prompt.pool={cfg.pool!r} reads prompt outputs, which pruning "
+                       "removes; use 'original', 'cls' or 'image' with prompt.masks")
+    if cfg.segments < 1 or model.width % cfg.segments:
+      raise ValueError(f"config prompt.segments={cfg.segments} must divide the width "
+                       f"{model.width}")
   prepends = cfg.location in ("prepend", "prepend-pixel")
   if cfg.pool in ("prompt", "all") and not (prepends and cfg.length):
     raise ValueError(f"config prompt.pool={cfg.pool!r} reads prompt outputs, but location "
@@ -283,19 +344,44 @@ def check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> No
                        "prompt.expand=False drops after the last prompted layer")
 
 
+def kv_only_layers(layers: Tuple[int, ...], depth: int,
+                   cfg: ml_collections.ConfigDict) -> Tuple[int, ...]:
+  """The prompted layers whose prompt outputs are never read: the next layer replaces them
+  (VPT-deep), drops them (no expand), or it is the last layer and the pooling ignores them.
+
+  There the prompts need no query, attention output, residual or MLP, only their keys and values
+  from the layer's frozen LayerNorm and projections: the exact fast path. Shallow prompts and
+  first-k prompts flow on through later layers, so their last prompted layer is not in the set.
+  """
+  if cfg.location != "prepend" or not cfg.length:
+    return ()
+  reads_prompts = cfg.pool in ("prompt", "all")
+  out = []
+  for i in layers:
+    replaced = i + 1 in layers
+    dropped = not cfg.expand and i == max(layers) and i + 1 < depth
+    last_unread = i == depth - 1 and not reads_prompts
+    if replaced or dropped or last_unread:
+      out.append(i)
+  return tuple(out)
+
+
 def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict) -> VisionTransformer:
   """`model` with VPT prompts plugged into its encoder (a clone; the original is unchanged)."""
   check_config(cfg, model)
   if model.hooks is not None:
     raise ValueError("this model already has encoder hooks attached")
   layers = prompted_layers(model.depth, deep=cfg.deep, depth=cfg.depth, reverse=cfg.reverse)
-  hooks = VPT(length=cfg.length, layers=layers, width=model.width,
+  kv_only = kv_only_layers(layers, model.depth, cfg) if model.fast_path else ()
+  hooks = VPT(kv_only_layers=kv_only, length=cfg.length, layers=layers, width=model.width,
               patch_size=tuple(model.patch_size), image_size=tuple(model.image_size),
               in_channels=model.in_channels, num_prefix=int(model.class_token),
               num_patches=model.grid[0] * model.grid[1], shared=cfg.shared, expand=cfg.expand,
               kv_length=cfg.kv_length, kv_shared=cfg.kv_shared, num_heads=model.num_heads,
               kv_layers=tuple(range(model.depth)) if cfg.kv_deep else (0,),
-              location=cfg.location, pool=cfg.pool, dropout=cfg.dropout, project=cfg.project)
+              location=cfg.location, pool=cfg.pool, dropout=cfg.dropout, project=cfg.project,
+              masks=cfg.masks, segments=cfg.segments,
+              mask_digest=mask_digest(read_masks(cfg)) if cfg.mask_file else "")
   pool_type = {"original": model.pool_type, "cls": "token"}.get(cfg.pool, "gap")
   return model.clone(hooks=hooks, pool_type=pool_type)
 
@@ -305,6 +391,15 @@ def init_prompts(model: VisionTransformer, rng: Array) -> dict:
   images = jnp.zeros((1, *model.image_size, model.in_channels), jnp.float32)
   # Under jit, everything but the prompts' initialisers is dead code and is never run.
   return jax.jit(lambda r: model.init(r, images).get("prompts", {}))(rng)
+
+
+def init_masks(model: VisionTransformer) -> dict:
+  """The all-ones 'prompt_masks' variables of a model with `prompt.masks`, or {} without."""
+  if model.hooks is None or not getattr(model.hooks, "masks", False):
+    return {}
+  p, r = model.hooks.length, model.hooks.segments
+  return {"prompt_masks": {"hooks": {"token_mask": jnp.ones((p,), jnp.float32),
+                                     "segment_mask": jnp.ones((p, r), jnp.float32)}}}
 
 
 def init_from_array(prompts: dict, array: np.ndarray, *, source: str = "array") -> dict:
@@ -319,6 +414,44 @@ def init_from_array(prompts: dict, array: np.ndarray, *, source: str = "array") 
     raise ValueError(f"{source}: prompt init array has shape {array.shape}; this model's prompts "
                      f"need {tuple(tokens.shape[1:])} or {tuple(tokens.shape)}")
   return {**prompts, "hooks": {**prompts["hooks"], "tokens": jnp.asarray(array)}}
+
+
+def read_masks(cfg: ml_collections.ConfigDict) -> dict:
+  """The 0/1 pruning masks of `cfg.mask_file`, checked against the prompt config."""
+  try:
+    with np.load(cfg.mask_file) as f:
+      masks = {k: np.asarray(f[k], np.float32) for k in ("tokens", "segments")}
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"config prompt.mask_file={cfg.mask_file!r}: cannot read a .npz with "
+                     f"'tokens' and 'segments' arrays ({e})") from e
+  want = {"tokens": (cfg.length,), "segments": (cfg.length, cfg.segments)}
+  for k, shape in want.items():
+    if masks[k].shape != shape:
+      raise ValueError(f"config prompt.mask_file={cfg.mask_file!r}: {k!r} has shape "
+                       f"{masks[k].shape}; prompt.length={cfg.length} and prompt.segments="
+                       f"{cfg.segments} need {shape}")
+    if not np.isin(masks[k], (0.0, 1.0)).all():
+      raise ValueError(f"config prompt.mask_file={cfg.mask_file!r}: {k!r} must hold only 0 and 1")
+  if not masks["tokens"].any():
+    raise ValueError(f"config prompt.mask_file={cfg.mask_file!r} prunes every token")
+  return masks
+
+
+def mask_digest(masks: dict) -> str:
+  h = hashlib.sha256()
+  for k in ("tokens", "segments"):
+    h.update(np.ascontiguousarray(masks[k], np.float32).tobytes())
+  return h.hexdigest()
+
+
+def load_masks(variables: dict, cfg: ml_collections.ConfigDict) -> dict:
+  """`variables` with the 'prompt_masks' collection set from `cfg.mask_file` (if any)."""
+  if not cfg.mask_file:
+    return variables
+  masks = read_masks(cfg)
+  hooks = {"token_mask": jnp.asarray(masks["tokens"]),
+           "segment_mask": jnp.asarray(masks["segments"])}
+  return {**variables, "prompt_masks": {"hooks": hooks}}
 
 
 def load_init(prompts: dict, cfg: ml_collections.ConfigDict) -> dict:

@@ -83,6 +83,31 @@ class EncoderHooks(nn.Module):
     del layer, batch_size, train
     return None
 
+  def kv_tokens(self, layer: int, *, batch_size: int,
+                train: bool) -> Optional[Tuple[Array, Optional[Array]]]:
+    """Tokens that layer `layer` attends to but whose own outputs nobody reads, or None.
+
+    Returns (tokens (n, D) shared by the batch or (batch, n, D), valid bool (n,) or None). They
+    pass through the layer's frozen LayerNorm and key/value projections only: exactly what a
+    VPT-deep prompt contributes to a layer whose prompt outputs the next layer discards.
+    """
+    del layer, batch_size, train
+    return None
+
+  def keeps_class_token(self) -> bool:
+    """True when `after_encoder` leaves row 0 (the class token) in place, so 'token' pooling reads
+    only it and the last layer may compute that row alone. Override if you reorder rows."""
+    return True
+
+  def key_mask(self, layer: int, length: int, *, train: bool) -> Optional[Array]:
+    """Which of the `length` tokens layer `layer` may attend to (bool (length,)), or None = all.
+
+    Pruned prompts use it: a token with mask False is never a key or value, so it influences
+    nothing, exactly as if it had been removed from the sequence.
+    """
+    del layer, length, train
+    return None
+
   def mlp_output(self, layer: int, y: Array, *, train: bool) -> Array:
     """The MLP output of layer `layer` before it is added to the residual stream (adapters)."""
     del layer, train
@@ -119,16 +144,21 @@ class MlpBlock(nn.Module):
     return y
 
 
-def attend(q: Array, k: Array, v: Array) -> Array:
-  """softmax(q k^T / sqrt(head_dim)) v over (batch, length, heads, head_dim) arrays."""
+def attend(q: Array, k: Array, v: Array, key_mask: Optional[Array] = None) -> Array:
+  """softmax(q k^T / sqrt(head_dim)) v over (batch, length, heads, head_dim) arrays.
+
+  key_mask: optional bool (keys,): False keys get zero attention weight.
+  """
   q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if key_mask is not None:
+    logits = jnp.where(key_mask, logits, -jnp.inf)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def _batched(t: Array, batch: int) -> Array:
-  """(n, h, d) or (b, n, h, d) -> (batch, n, h, d)."""
+  """(n, h, d), (1, n, h, d) or (b, n, h, d) -> (batch, n, h, d)."""
   if t.ndim == 3:
     t = t[None]
   return jnp.broadcast_to(t, (batch,) + t.shape[1:])
@@ -145,26 +175,47 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, *,
-               extra_kv: Optional[KeyValue] = None) -> Array:
+               kv_inputs: Optional[Array] = None, extra_kv: Optional[KeyValue] = None,
+               key_mask: Optional[Array] = None, kv_valid: Optional[Array] = None) -> Array:
+    """Attention of `inputs_q` rows over keys/values [inputs_kv; kv_inputs; extra_kv].
+
+    kv_inputs: (batch or 1, n, D) tokens that are keys/values only (projected by this layer's
+      key/value kernels, never queries); with a leading 1 they are projected once for the batch.
+    extra_kv: keys and values already in head space ((n, H, hd) or (batch, n, H, hd)).
+    key_mask, kv_valid: optional bool masks over the inputs_kv rows / the kv_inputs rows.
+    """
     d = inputs_q.shape[-1]
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
     head_dim = d // self.num_heads
     proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
+    key, value = proj("key"), proj("value")
     q = proj("query")(inputs_q)
-    k = proj("key")(inputs_kv)
-    v = proj("value")(inputs_kv)
+    k, v = key(inputs_kv), value(inputs_kv)
+    b = inputs_kv.shape[0]
+    masks = [key_mask if key_mask is not None else jnp.ones(inputs_kv.shape[1], bool)]
+    extras = []
+    if kv_inputs is not None:
+      extras.append((key(kv_inputs), value(kv_inputs)))
+      masks.append(kv_valid if kv_valid is not None else jnp.ones(kv_inputs.shape[1], bool))
     if extra_kv is not None:
-      ek, ev = extra_kv
-      b = inputs_kv.shape[0]
+      extras.append(extra_kv)
+      masks.append(jnp.ones(extra_kv[0].shape[-3], bool))
+    for ek, ev in extras:
       k = jnp.concatenate([k, _batched(ek, b).astype(k.dtype)], axis=1)
       v = jnp.concatenate([v, _batched(ev, b).astype(v.dtype)], axis=1)
-    y = attend(q, k, v)
+    masked = key_mask is not None or kv_valid is not None
+    y = attend(q, k, v, jnp.concatenate(masks) if masked else None)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+
+  Two ways to skip work whose result nobody reads, both exact: `kv_tokens` are tokens this layer
+  only attends to (their LN -> key/value projections are computed; no query, residual or MLP), and
+  `query_rows=m` computes the outputs of the first m rows only (all rows still serve as keys).
+  """
 
   num_heads: int
   mlp_dim: int
@@ -173,10 +224,21 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, extra_kv: Optional[KeyValue] = None,
+               key_mask: Optional[Array] = None, kv_tokens: Optional[Array] = None,
+               kv_valid: Optional[Array] = None, query_rows: Optional[int] = None,
                mlp_hook: Optional[Callable[[Array], Array]] = None, train: bool = False) -> Array:
-    y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_0")(x)
+    norm = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_0")
+    y = norm(x)
+    if query_rows is not None:
+      x = x[:, :query_rows]
+    kv_inputs = None
+    if kv_tokens is not None:
+      kv_inputs = norm(kv_tokens if kv_tokens.ndim == 3 else kv_tokens[None])
     y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
-                                     name="MultiHeadDotProductAttention_0")(y, y, extra_kv=extra_kv)
+                                     name="MultiHeadDotProductAttention_0")(
+                                         y if query_rows is None else y[:, :query_rows], y,
+                                         kv_inputs=kv_inputs, extra_kv=extra_kv,
+                                         key_mask=key_mask, kv_valid=kv_valid)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + y
     y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_1")(x)
@@ -188,25 +250,38 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """The stack of blocks plus the final LayerNorm, with the two hook points per layer."""
+  """The stack of blocks plus the final LayerNorm, with the hook points per layer.
+
+  class_token_only: the last layer computes the class-token row only (its other outputs would
+  be thrown away by 'token' pooling), so `encoded` is then (batch, 1, D).
+  """
 
   depth: int
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  class_token_only: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, hooks: Optional[EncoderHooks] = None, start_layer: int = 0,
                train: bool = False) -> Array:
     for i in range(start_layer, self.depth):
-      kv = mlp_hook = None
+      kv = mlp_hook = key_mask = kv_tokens = kv_valid = None
       if hooks is not None:
         x = hooks.before_layer(i, x, train=train)
         kv = hooks.extra_kv(i, batch_size=x.shape[0], train=train)
+        key_mask = hooks.key_mask(i, x.shape[1], train=train)
+        found = hooks.kv_tokens(i, batch_size=x.shape[0], train=train)
+        if found is not None:
+          kv_tokens, kv_valid = found
         mlp_hook = functools.partial(hooks.mlp_output, i, train=train)
+      last = self.class_token_only and i == self.depth - 1
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                         name=f"encoderblock_{i}")(x, extra_kv=kv, mlp_hook=mlp_hook, train=train)
+                         name=f"encoderblock_{i}")(x, extra_kv=kv, key_mask=key_mask,
+                                                   kv_tokens=kv_tokens, kv_valid=kv_valid,
+                                                   query_rows=1 if last else None,
+                                                   mlp_hook=mlp_hook, train=train)
       self.sow("intermediates", f"block_{i}", x)
     return nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(x)
 
@@ -250,7 +325,11 @@ class VisionTransformer(nn.Module):
     in_channels: input channels of the patch embedding.
     dropout: dropout rate in the blocks (0.0 in all the originals' transfer configs).
     dtype: compute dtype of matmuls and convolutions (e.g. jnp.bfloat16).
-    hooks: optional `EncoderHooks` module (prompts, key/value prompts).
+    hooks: optional `EncoderHooks` module (prompts, key-value prompts).
+    fast_path: compute only what the output needs (exact, same logits and gradients): with
+      'token' pooling the last layer computes the class-token row only. Prompt hooks read it when
+      attached (VPT-deep prompts whose outputs the next layer discards become keys/values only).
+      False: the straightforward computation of every row (all intermediates full size).
   """
 
   image_size: Tuple[int, int]
@@ -270,6 +349,7 @@ class VisionTransformer(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   hooks: Optional[EncoderHooks] = None
+  fast_path: bool = True
 
   @property
   def grid(self) -> Tuple[int, int]:
@@ -344,7 +424,10 @@ class VisionTransformer(nn.Module):
       x, images = images.astype(jnp.float32), None
     else:
       x = self._embed(images, train=train)
+    class_token_only = (self.fast_path and self.pool_type == "token"
+                        and (self.hooks is None or self.hooks.keeps_class_token()))
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                class_token_only=class_token_only,
                 name="Transformer")(x, hooks=self.hooks, start_layer=start_layer, train=train)
     self.sow("intermediates", "encoded", x)
     if self.hooks is not None:

@@ -1,0 +1,114 @@
+"""Cached frozen prefixes: where the model is entered, and that caching changes no result."""
+
+import jax
+import numpy as np
+import pytest
+
+import vpt_jax
+from configs import demo
+from vpt_jax import builder, features, train
+from vpt_jax.data import pipeline, sources
+
+DEPTH = 4  # demo-vit
+
+
+def config(protocol, **prompt):
+  c = demo.get_config("linear")
+  c.protocol = protocol
+  c.prompt.update(prompt)
+  c.model.num_classes = 10
+  return c
+
+
+def entry(protocol, **prompt):
+  built = builder.build(config(protocol, **prompt))
+  return features.entry_layer(built.model, built.mask)[0]
+
+
+@pytest.mark.parametrize("protocol,prompt,layer", [
+    ("linear", {}, DEPTH),
+    ("mlp-2", {}, DEPTH),
+    ("partial-1", {}, DEPTH - 1),
+    ("partial-3", {}, DEPTH - 3),
+    ("vpt", dict(length=4, deep=True, depth=2, reverse=True), DEPTH - 2),
+    ("vpt", dict(length=4, deep=True), 0),
+    ("vpt", dict(length=4, deep=False), 0),
+    ("linear", dict(length=4, deep=True, depth=1, reverse=True), DEPTH - 1),  # frozen prompts count
+    ("full", {}, 0),
+    ("bias", {}, 0),
+    ("adapter", {}, 0),
+    ("side", {}, -1),
+])
+def test_entry_layer_follows_the_trainable_mask_and_the_hooks(protocol, prompt, layer):
+  assert entry(protocol, **prompt) == layer
+
+
+def test_plan_names_every_obstacle():
+  built = builder.build(config("linear"))
+  ok = features.plan(built.model, built.mask, mode="auto", deterministic=True, num_examples=10)
+  assert ok.layer == DEPTH and "layer 4" in features.describe(ok, DEPTH)
+  aug = features.plan(built.model, built.mask, mode="auto", deterministic=False)
+  assert aug.layer == 0 and "random augmentation" in aug.reason
+  assert features.plan(built.model, built.mask, mode=False, deterministic=True).layer == 0
+  with pytest.raises(ValueError, match="cache_features=True, but .*random augmentation"):
+    features.plan(built.model, built.mask, mode=True, deterministic=False)
+  with pytest.raises(ValueError, match="dropout 0.1"):
+    features.plan(built.model.clone(dropout=0.1), built.mask, mode="true", deterministic=True)
+  with pytest.raises(ValueError, match="GiB"):
+    features.plan(built.model, built.mask, mode="true", deterministic=True,
+                  num_examples=10 ** 7)
+  side = builder.build(config("side"))
+  with pytest.raises(ValueError, match="side network reads the images"):
+    features.plan(side.model, side.mask, mode="true", deterministic=True)
+  adapter = builder.build(config("adapter"))
+  with pytest.raises(ValueError, match="layer 0 is not frozen \\(adapters\\)"):
+    features.plan(adapter.model, adapter.mask, mode="true", deterministic=True)
+
+
+def test_token_pipeline_keeps_the_pipelines_order():
+  cfg = config("linear").data
+  split = sources.load_splits(cfg, ["val200"])["val200"]
+  pipe = pipeline.Pipeline(split, pipeline.make_preprocess(cfg, 32, train=True), batch_size=64,
+                           seed=3)
+  tokens = np.arange(len(split), dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
+  cached = features.TokenPipeline(pipe, tokens)
+  a, b = pipe.train_batches(2), cached.train_batches(2)  # from step 2, across an epoch boundary
+  for _ in range(5):
+    x, y = next(a), next(b)
+    np.testing.assert_array_equal(x["label"], y["label"])
+    index = y["image"][:, 0, 0].astype(int)
+    np.testing.assert_array_equal(split.labels[index], y["label"])
+    np.testing.assert_allclose(x["image"], pipe._cached.numpy()[index])
+  evals = list(cached.eval_batches())
+  assert [e["mask"].sum() for e in evals] == [64, 64, 64, 8]
+
+
+@pytest.mark.parametrize("protocol,prompt", [
+    ("linear", {}),
+    ("partial-1", {}),
+    ("vpt", dict(length=4, deep=True, depth=2, reverse=True)),
+])
+def test_cached_and_uncached_training_agree(tmp_path, capsys, protocol, prompt):
+  """Same final trainable leaves and metrics; only the cached run logs the cached path."""
+  out = {}
+  for mode in ("false", "true"):
+    c = config(protocol, **prompt)
+    c.model.num_classes = 0
+    c.cache_features = mode
+    c.optim.epochs, c.optim.warmup_epochs, c.optim.lr = 2, 1, 0.25
+    c.data.val_split, c.data.test_split, c.eval_every_epochs = "", "val200", 0
+    workdir = str(tmp_path / mode)
+    results = train.train_and_evaluate(c, workdir)
+    _, variables = vpt_jax.load_tuned(workdir, which="last")
+    out[mode] = (results, variables, capsys.readouterr().out)
+  (r0, v0, log0), (r1, v1, log1) = out["false"], out["true"]
+  layer = {"linear": DEPTH, "partial-1": DEPTH - 1, "vpt": DEPTH - 2}[protocol]
+  assert r0["cached_features_layer"] is None and r1["cached_features_layer"] == layer
+  assert "cached features: not used" not in log1 and f"enter at layer {layer}" in log1
+  assert "cached features: off" in log0
+  assert r1["test_top1"] == r0["test_top1"]
+  assert r1["test_loss"] == pytest.approx(r0["test_loss"], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v0)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(v1), jax.tree.leaves(builder.build(config(protocol, **prompt)).variables)))

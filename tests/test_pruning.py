@@ -1,0 +1,248 @@
+"""E2VPT pruning: masks, importance scores, pruning counts, compact storage, prune + rewind."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import numpy_vit
+import vpt_jax
+from conftest import ATOL, RTOL, data_path, load_io
+from vpt_jax import partition, pruning
+from vpt_jax.models import prompts
+from vpt_jax.train import cross_entropy
+
+IMAGES = load_io("vitjax_token.io.npz")["images"]
+BASE, BASE_VARS = vpt_jax.load_pretrained(data_path("vitjax_token.npz"), num_classes=5)
+PARAMS = jax.tree.map(lambda p: p + 0.05 * np.random.default_rng(0).normal(size=p.shape)
+                      .astype(np.float32), BASE_VARS["params"])  # a head that is not zero
+REF = dict(patch=4, depth=2, pool="token", cls_row=True)
+LABELS = np.array([0, 3, 1, 4])
+MASKS = {  # p = 6 tokens, R = 16 segments: tokens 1 and 4 pruned, 5 segments off in each kept token
+    "tokens": np.array([1, 0, 1, 1, 0, 1], np.float32),
+    "segments": np.zeros((6, 16), np.float32)}
+for _t, _off in zip((0, 2, 3, 5), ((0, 1, 2, 3, 4), (3, 5, 7, 9, 15), (1, 2, 4, 8, 12), (10, 11, 12, 13, 14))):
+  MASKS["segments"][_t] = 1.0
+  MASKS["segments"][_t, list(_off)] = 0.0
+
+
+def flat(tree):
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def model_for(**kw):
+  cfg = prompts.default_config()
+  cfg.update(dict(length=6, masks=True) | kw)
+  model = prompts.attach(BASE, cfg)
+  pr = prompts.init_prompts(model, jax.random.PRNGKey(1))
+  return model, pr
+
+
+def variables(pr, masks=None):
+  v = {"params": PARAMS, "prompts": pr}
+  if masks is not None:
+    v["prompt_masks"] = {"hooks": {"token_mask": jnp.asarray(masks["tokens"]),
+                                   "segment_mask": jnp.asarray(masks["segments"])}}
+  return v
+
+
+def test_all_ones_masks_change_nothing():
+  masked, pr = model_for(kv_length=2)
+  cfg = prompts.default_config()
+  cfg.update(length=6, kv_length=2)
+  plain = prompts.attach(BASE, cfg)
+  ones = {"tokens": np.ones(6, np.float32), "segments": np.ones((6, 16), np.float32)}
+  np.testing.assert_array_equal(masked.apply(variables(pr, ones), IMAGES),
+                                plain.apply(variables(pr), IMAGES))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(deep=False), dict(kv_length=2, kv_shared=False),
+                                dict(pool="image"), dict(shared=True)])
+def test_pruned_compact_model_equals_masked_model(kw):
+  """Masked full-size model == the compact model that holds only the kept tokens / dims."""
+  model, pr = model_for(**kw)
+  masked = np.asarray(model.apply(variables(pr, MASKS), IMAGES))
+
+  packed = pruning.compact(np.asarray(pr["hooks"]["tokens"]), MASKS)
+  assert packed["values"].shape == (pr["hooks"]["tokens"].shape[0], 4, 11 * 4)
+  tokens, small_masks = pruning.expand(packed, width=64, segments=16)
+  small, small_pr = model_for(length=4, **kw)
+  small_pr = {"hooks": {**small_pr["hooks"], "tokens": jnp.asarray(tokens)}}
+  for k in ("kv", "kv_values"):
+    if k in pr["hooks"]:
+      small_pr["hooks"][k] = pr["hooks"][k]
+  compact_out = np.asarray(small.apply(variables(small_pr, small_masks), IMAGES))
+  np.testing.assert_allclose(compact_out, masked, atol=1e-5, rtol=1e-5)
+  # Pruning really changed the output.
+  dense = np.asarray(model.apply(variables(pr, {k: np.ones_like(v) for k, v in MASKS.items()}),
+                                 IMAGES))
+  assert np.abs(dense - masked).max() > 1e-3
+
+
+def test_masked_model_matches_numpy_with_tokens_removed():
+  """Independent check: numpy ViT with only the kept, segment-zeroed tokens inserted (deep)."""
+  model, pr = model_for()
+  tok = np.asarray(pr["hooks"]["tokens"], np.float64)
+  per_dim = MASKS["segments"][:, np.arange(64) % 16]  # strided segments
+  kept = [(t * per_dim)[MASKS["tokens"] == 1] for t in tok]
+  put = lambda t, replace: (lambda x: np.concatenate(
+      [x[:, :1], np.broadcast_to(t, (x.shape[0],) + t.shape), x[:, 1 + replace:]], 1))
+  expected = numpy_vit.forward(flat(PARAMS), IMAGES, **REF,
+                               insert={0: put(kept[0], 0), 1: put(kept[1], 4)})
+  got = np.asarray(model.apply(variables(pr, MASKS), IMAGES))
+  np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL)
+  # The official code's semantics (zero vectors left in the sequence) gives a different model.
+  zeros = [(t * per_dim) * MASKS["tokens"][:, None] for t in tok]
+  official = numpy_vit.forward(flat(PARAMS), IMAGES, **REF,
+                               insert={0: put(zeros[0], 0), 1: put(zeros[1], 6)})
+  assert np.abs(official - expected).max() > 1e-4
+
+
+def _direct_scores(model, pr, images, labels):
+  """|dL(x)/d mask| per example by jax.grad of the plain single-example loss, then the mean."""
+  ones = {"tokens": np.ones(6, np.float32), "segments": np.ones((6, 16), np.float32)}
+  out = {"tokens": 0.0, "segments": 0.0}
+  for x, y in zip(images, labels):
+    def loss(m):
+      v = {"params": PARAMS, "prompts": pr, "prompt_masks": m}
+      return cross_entropy(model.apply(v, x[None]), jnp.array([y]))[0]
+    g = jax.grad(loss)(variables(pr, ones)["prompt_masks"])["hooks"]
+    out["tokens"] = out["tokens"] + np.abs(np.asarray(g["token_mask"]))
+    out["segments"] = out["segments"] + np.abs(np.asarray(g["segment_mask"]))
+  return {k: v / len(labels) for k, v in out.items()}
+
+
+def test_importance_equals_direct_mask_gradients():
+  model, pr = model_for(kv_length=2)
+  ones = {"tokens": np.ones(6, np.float32), "segments": np.ones((6, 16), np.float32)}
+  v = variables(pr, ones)
+  trainable, frozen = partition.split(v, partition.label(v, [r"prompts/.*", r"params/head/.*"]))
+  step = jax.jit(pruning.make_importance_step(model))
+  batches = [{"image": IMAGES[:2], "label": LABELS[:2]}, {"image": IMAGES[2:], "label": LABELS[2:]}]
+  got = pruning.importance(step, trainable, frozen, batches, jax.random.PRNGKey(0))
+  want = _direct_scores(model, pr, IMAGES, LABELS)
+  for k in ("tokens", "segments"):
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-7)
+  assert got["tokens"].min() > 0
+
+  # Chain rule, independently of the masks: dL/dm_t = sum over sets and dims of dL/dP * P.
+  x, y = IMAGES[:1], jnp.array([LABELS[0]])
+  def loss_p(tokens):
+    pv = {"hooks": {**pr["hooks"], "tokens": tokens}}
+    return cross_entropy(model.apply(variables(pv, ones), x), y)[0]
+  gp = np.asarray(jax.grad(loss_p)(pr["hooks"]["tokens"]))
+  by_token = np.abs((gp * np.asarray(pr["hooks"]["tokens"])).sum(axis=(0, 2)))
+  one = pruning.importance(step, trainable, frozen, [{"image": x, "label": y}],
+                           jax.random.PRNGKey(0))
+  np.testing.assert_allclose(one["tokens"], by_token, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("p,r,tf,sf", [(10, 16, 0.5, 0.25), (10, 16, 0.9, 0.9), (7, 8, 0.3, 0.0),
+                                       (5, 16, 0.0, 0.5)])
+def test_prune_masks_keep_exactly_the_requested_counts(p, r, tf, sf):
+  rng = np.random.default_rng(p)
+  scores = {"tokens": rng.random(p), "segments": rng.random((p, r))}
+  masks = pruning.prune_masks(scores, tf, sf)
+  n_tok, n_seg = min(int(p * tf), p - 1), min(int(r * sf), r - 1)
+  assert masks["tokens"].sum() == p - n_tok
+  kept = masks["tokens"] == 1
+  # The pruned tokens are exactly the lowest-scoring ones.
+  assert scores["tokens"][~kept].max(initial=-1) <= scores["tokens"][kept].min()
+  assert (masks["segments"][~kept] == 0).all()
+  for t in np.flatnonzero(kept):
+    row = masks["segments"][t] == 1
+    assert row.sum() == r - n_seg
+    assert scores["segments"][t][~row].max(initial=-1) <= scores["segments"][t][row].min()
+
+
+def test_compact_roundtrip_and_real_parameter_count():
+  rng = np.random.default_rng(0)
+  tokens = rng.normal(size=(3, 6, 64)).astype(np.float32)
+  packed = pruning.compact(tokens, MASKS)
+  restored, small_masks = pruning.expand(packed, width=64, segments=16)
+  per_dim = MASKS["segments"][:, np.arange(64) % 16]
+  np.testing.assert_array_equal(restored, (tokens * per_dim)[:, MASKS["tokens"] == 1])
+  np.testing.assert_array_equal(small_masks["segments"], MASKS["segments"][[0, 2, 3, 5]])
+  trainable = {"prompts": {"hooks": {"tokens": tokens, "kv": np.zeros((2, 4, 2, 16))}},
+               "params": {"head": {"kernel": np.zeros((64, 5)), "bias": np.zeros(5)}}}
+  # 3 sets x 4 tokens x 11 segments x 4 dims + kv + head, by hand.
+  assert pruning.pruned_count(trainable, MASKS) == 3 * 4 * 11 * 4 + 2 * 4 * 2 * 16 + 64 * 5 + 5
+  assert packed["values"].size == 3 * 4 * 11 * 4
+
+
+def test_mask_file_errors_name_the_option(tmp_path):
+  cfg = prompts.default_config()
+  cfg.update(length=6, masks=True, mask_file=str(tmp_path / "missing.npz"))
+  with pytest.raises(ValueError, match="prompt.mask_file=.*missing.npz"):
+    prompts.attach(BASE, cfg)
+  bad = str(tmp_path / "bad.npz")
+  np.savez(bad, tokens=np.ones(5), segments=np.ones((5, 16)))
+  cfg.mask_file = bad
+  with pytest.raises(ValueError, match=r"'tokens' has shape \(5,\); prompt.length=6"):
+    prompts.attach(BASE, cfg)
+  cfg.update(mask_file="", masks=True, pool="all")
+  with pytest.raises(ValueError, match="prompt.pool='all' reads prompt outputs"):
+    prompts.attach(BASE, cfg)
+  cfg.update(pool="original", segments=24)
+  with pytest.raises(ValueError, match="prompt.segments=24 must divide the width 64"):
+    prompts.attach(BASE, cfg)
+  cfg.update(segments=16, location="add")
+  with pytest.raises(ValueError, match="need prompt.masks=True, prompt.location='prepend'"):
+    prompts.attach(BASE, cfg)
+  with pytest.raises(ValueError, match="prune.token_fraction=1.0"):
+    pruning.check_config(_with(token_fraction=1.0))
+  with pytest.raises(ValueError, match="prune.rewind_init='again'"):
+    pruning.check_config(_with(rewind_init="again"))
+
+
+def _with(**kw):
+  c = pruning.default_config()
+  c.update(kw)
+  return c
+
+
+def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
+  from configs import demo
+  from vpt_jax import prune
+  from vpt_jax.data import pipeline, sources
+  from vpt_jax.train import evaluate, make_eval_step, mesh_shardings
+  c = demo.get_config("vpt-deep,prompt.kv_length=2,optim.epochs=2,optim.warmup_epochs=1,"
+                      "eval_every_epochs=1,prune.token_fraction=0.5,prune.segment_fraction=0.25")
+  workdir = str(tmp_path / "prune")
+  summary = prune.run(c, workdir)
+  for name in ("dense/results.json", "scores.npz", "masks.npz", "rewind/results.json",
+               "pruned.npz", "prune_results.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  masks = dict(np.load(os.path.join(workdir, "masks.npz")))
+  assert masks["tokens"].sum() == 4 and (masks["segments"].sum(1)[masks["tokens"] == 1] == 12).all()
+  scores = dict(np.load(os.path.join(workdir, "scores.npz")))
+  assert scores["tokens"].shape == (8,) and scores["segments"].shape == (8, 16)
+  with open(os.path.join(workdir, "rewind", "results.json")) as f:
+    rewound = json.load(f)
+  from vpt_jax import checkpointing
+  model, _ = checkpointing.load_tuned(os.path.join(workdir, "rewind"), which="last")
+  depth, width = model.depth, model.width
+  # Real parameter count by hand: a set per layer x 4 kept tokens x 12 segments x d/16 dims,
+  # plus the key-value prompts and the head (10 digit classes).
+  head = width * 10 + 10
+  kv = depth * 2 * width
+  assert summary["pruned_trainable_params"] == depth * 4 * 12 * (width // 16) + kv + head
+  assert summary["dense_trainable_params"] == depth * 8 * width + kv + head
+  assert summary["rewind_test_top1"] == rewound["test_top1"]
+  # The compact model (4 tokens in the sequence) scores exactly what the masked run scored.
+  small, small_v = prune.load_pruned(os.path.join(workdir, "rewind"))
+  assert small.hooks.length == 4
+  d = c.data
+  split = sources.load_splits(d, [d.test_split])[d.test_split]
+  pipe = pipeline.Pipeline(split, pipeline.make_preprocess(d, small.image_size[0], train=False),
+                           batch_size=c.batch_size, seed=0)
+  rep, bs = mesh_shardings()
+  r = evaluate(jax.jit(make_eval_step(small)), small_v, {}, pipe, bs)
+  assert abs(r["top1"] - rewound["test_top1"]) < 1e-9
+  # Rerunning skips every stage.
+  again = prune.run(c, workdir)
+  assert again["rewind_test_top1"] == summary["rewind_test_top1"]
