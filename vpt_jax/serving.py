@@ -1,0 +1,360 @@
+"""One frozen backbone, many tuned tasks: a mixed batch where every example names its task.
+
+    server = serving.MultiTaskServer.from_workdirs({"digits": wd1, "pets": wd2, "dtd": wd3})
+    logits = server(images, task_ids)       # (B, C_max); -inf beyond each example's class count
+
+VPT's point is that a task costs a few thousand parameters on top of a shared backbone. Serving
+makes that concrete: the backbone's weights are held once, each task contributes its prompts and
+head, and one jitted call runs a batch whose examples belong to different tasks:
+
+* prompts: the tasks' per-layer prompt sets are stacked into (tasks, layers, p, d); before every
+  layer each example gathers its own (p, d) set with its task id (`MultiTaskPrompts`), inserting
+  or replacing the prompt tokens exactly as `models.prompts.VPT` does. VPT-deep, VPT-shallow,
+  deep-shared, the first/last k layers, projected and E2VPT-pruned prompts all reduce to this
+  table plus a (tasks, layers) "fresh prompts here" mask. Where every task's prompt outputs are
+  discarded (deep layers) they enter as keys/values only, like the single-task fast path.
+* E2VPT key-value prompts: stacked (tasks, kv layers, heads, n, head_dim), gathered per example
+  (the ViT's `extra_kv` hook accepts per-example keys/values).
+* heads: kernels zero-padded to (D, C_max) and stacked; one (B, D) x (D, tasks * C_max) matmul,
+  then each example picks its task's slice. Logits beyond a task's class count are -inf.
+
+Equal prompt lengths are required (and equal key-value lengths and layers). Padding a shorter
+prompt set with dummy tokens would not be exact: the ViT's attention has no mask, so any extra
+token changes every other token's softmax. Unsupported options (locations other than 'prepend',
+pooling other than 'original', expand=False before the last layer) are refused with the option
+and the workdir named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from vpt_jax.models.vit import EncoderHooks, VisionTransformer
+
+Array = jax.Array
+
+# Model fields that must agree for tasks to share one backbone (num_classes may differ).
+SHARED_FIELDS = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "pool_type",
+                 "class_token", "posemb_cls_row", "representation_size", "in_channels",
+                 "map_num_heads", "map_mlp_dim", "dtype")
+
+
+class ServingError(ValueError):
+  """Tasks that cannot be served together from one backbone."""
+
+
+@dataclasses.dataclass
+class Task:
+  """What one tuned task adds to the shared backbone (inference form: dropout off, prompts projected).
+
+  tokens: layer -> (p, d) prompts that layer receives fresh (inserted at the first, replacing the
+    previous prompt outputs at the others); empty for an unprompted task.
+  kv: layer -> (keys, values), each (heads, n, head_dim); empty without key-value prompts.
+  """
+
+  name: str
+  head_kernel: np.ndarray          # (D, C)
+  head_bias: np.ndarray            # (C,)
+  tokens: Dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+  kv: Dict[int, Tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.head_kernel.shape[1])
+
+  @property
+  def length(self) -> int:
+    return next(iter(self.tokens.values())).shape[0] if self.tokens else 0
+
+  @property
+  def kv_length(self) -> int:
+    return next(iter(self.kv.values()))[0].shape[1] if self.kv else 0
+
+
+def task_from_model(name: str, model: VisionTransformer, variables: Mapping[str, Any]) -> Task:
+  """The `Task` of a (possibly VPT-prompted) model; refuses options a mixed batch cannot run."""
+  hooks = model.hooks
+  head = variables["params"]["head"]
+  task = Task(name, np.asarray(head["kernel"], np.float32), np.asarray(head["bias"], np.float32))
+  if hooks is None:
+    return task
+  from vpt_jax.models import prompts  # pylint: disable=g-import-not-at-top
+  if type(hooks) is not prompts.VPT:  # pylint: disable=unidiomatic-typecheck
+    raise ServingError(f"{name}: encoder hooks {type(hooks).__name__} are not VPT prompts; "
+                       "serving supports VPT / E2VPT prompt sets only")
+  if hooks.length and hooks.location != "prepend":
+    raise ServingError(f"{name}: prompt.location={hooks.location!r} is not supported by mixed "
+                       "batches (only 'prepend')")
+  if hooks.pool != "original":
+    raise ServingError(f"{name}: prompt.pool={hooks.pool!r} is not supported by mixed batches "
+                       "(only 'original')")
+  if hooks.length and not hooks.expand and max(hooks.layers) < model.depth - 1:
+    raise ServingError(f"{name}: prompt.expand=False is not supported by mixed batches (it drops "
+                       "the prompts before the last layer, so examples would differ in length)")
+  pv = variables.get("prompts", {}).get("hooks", {})
+  if hooks.length:
+    t = np.asarray(pv["tokens"], np.float32)
+    if hooks.project:
+      t = t @ np.asarray(pv["proj_kernel"], np.float32) + np.asarray(pv["proj_bias"], np.float32)
+    if getattr(hooks, "masks", False):
+      # E2VPT pruning masks: fold the segment mask into the tokens and drop pruned tokens. A
+      # pruned token is never a key or value and 'original' pooling drops it, so the compact
+      # prompt set computes exactly what the masked one does.
+      m = variables["prompt_masks"]["hooks"]
+      token_mask = np.asarray(m["token_mask"], np.float32)
+      seg = np.tile(np.asarray(m["segment_mask"], np.float32), (1, t.shape[-1] // hooks.segments))
+      t = (t * seg * token_mask[:, None])[:, token_mask != 0]
+    task.tokens = {layer: t[0 if hooks.shared else i] for i, layer in enumerate(hooks.layers)}
+  if hooks.kv_length:
+    keys = np.asarray(pv["kv"], np.float32)
+    values = keys if hooks.kv_shared else np.asarray(pv["kv_values"], np.float32)
+    task.kv = {layer: (keys[i], values[i]) for i, layer in enumerate(hooks.kv_layers)}
+  return task
+
+
+class MultiTaskPrompts(EncoderHooks):
+  """Per-example prompts: each example gathers its task's prompts from stacked tables.
+
+  Its variables (collection 'serving') are inputs, never trained: `task_ids` (B,), `tokens`
+  (tasks, depth, p, d), `fresh` (tasks, depth) bool (this layer gets the task's prompts, else
+  the previous layer's prompt outputs flow through), `kv_keys` / `kv_values`
+  (tasks, kv layers, heads, n, head_dim).
+
+  kv_only_layers: layers where every task gets fresh prompts and nobody reads their outputs (the
+  next layer replaces them, or it is the last layer and 'original' pooling drops them): there they
+  enter as keys/values only (the ViT's `kv_tokens` hook, per example), out of the sequence, as the
+  single-task fast path does.
+  """
+
+  length: int
+  insert_layer: int
+  num_prefix: int
+  depth: int
+  kv_layers: Tuple[int, ...] = ()
+  kv_only_layers: Tuple[int, ...] = ()
+
+  def _in_sequence(self, layer: int) -> bool:
+    """Whether the prompts sit in the token sequence that layer `layer` receives."""
+    return self.insert_layer <= layer and layer not in self.kv_only_layers
+
+  def setup(self):
+    var = lambda name: self.variable("serving", name, lambda: None)
+    self.task_ids = var("task_ids")
+    if self.length:
+      self.tokens = var("tokens")
+      self.fresh = var("fresh")
+    if self.kv_layers:
+      self.kv_keys = var("kv_keys")
+      self.kv_values = var("kv_values")
+
+  def before_layer(self, layer, x, *, train):
+    if not self.length or layer < self.insert_layer:
+      return x
+    ids, k, p = self.task_ids.value, self.num_prefix, self.length
+    carried = self._in_sequence(layer - 1)                      # prompt outputs of layer - 1
+    if layer in self.kv_only_layers:
+      return jnp.concatenate([x[:, :k], x[:, k + p:]], axis=1) if carried else x
+    new = self.tokens.value[ids, layer].astype(x.dtype)         # (B, p, d)
+    if not carried:  # every task gets fresh prompts here (first layer, or after a kv-only one)
+      return jnp.concatenate([x[:, :k], new, x[:, k:]], axis=1)
+    fresh = self.fresh.value[ids, layer][:, None, None]
+    return jnp.concatenate([x[:, :k], jnp.where(fresh, new, x[:, k:k + p]), x[:, k + p:]], axis=1)
+
+  def kv_tokens(self, layer, *, batch_size, train):
+    if layer not in self.kv_only_layers:
+      return None
+    return self.tokens.value[self.task_ids.value, layer], None
+
+  def extra_kv(self, layer, *, batch_size, train):
+    if layer not in self.kv_layers:
+      return None
+    ids, i = self.task_ids.value, self.kv_layers.index(layer)
+    # (B, heads, n, head_dim) -> (B, n, heads, head_dim), the per-example form of the hook.
+    keys = jnp.swapaxes(self.kv_keys.value[ids, i], 1, 2)
+    values = jnp.swapaxes(self.kv_values.value[ids, i], 1, 2)
+    return keys, values
+
+  def after_encoder(self, x, *, train):
+    # 'original' pooling: the backbone's own pooling over the non-prompt tokens.
+    if not self.length or not self._in_sequence(self.depth - 1):
+      return x
+    k = self.num_prefix
+    return jnp.concatenate([x[:, :k], x[:, k + self.length:]], axis=1)
+
+
+def _check_compatible(tasks: Sequence[Task], depth: int) -> Tuple[int, int, Tuple[int, ...]]:
+  """(prompt length, insertion layer, kv layers) shared by all tasks, or a ServingError."""
+  first = tasks[0]
+  for t in tasks[1:]:
+    if t.length != first.length:
+      raise ServingError(
+          f"prompt lengths differ: {first.name} has {first.length}, {t.name} has {t.length}. A "
+          "mixed batch needs equal lengths (dummy padding tokens would change the other tokens' "
+          "attention, which has no mask); serve these tasks from separate servers")
+    if first.length and min(t.tokens) != min(first.tokens):
+      raise ServingError(
+          f"prompts enter at different layers: {first.name} at {min(first.tokens)}, {t.name} at "
+          f"{min(t.tokens)}; a mixed batch needs the same first prompted layer")
+    if sorted(t.kv) != sorted(first.kv) or t.kv_length != first.kv_length:
+      raise ServingError(
+          f"key-value prompts differ: {first.name} has {first.kv_length} in layers "
+          f"{sorted(first.kv)}, {t.name} has {t.kv_length} in layers {sorted(t.kv)}; a mixed "
+          "batch needs the same kv_length and kv layers")
+  if any(layer >= depth for layer in first.tokens):
+    raise ServingError(f"{first.name}: prompted layer beyond the backbone's depth {depth}")
+  return first.length, (min(first.tokens) if first.tokens else 0), tuple(sorted(first.kv))
+
+
+class MultiTaskServer:
+  """A backbone plus stacked task tables; `server(images, task_ids)` runs one jitted call.
+
+  Build with `from_workdirs` (tuned runs) or `from_tasks` (any `Task`s, e.g. for benchmarks).
+  """
+
+  def __init__(self, backbone: VisionTransformer, params: Mapping[str, Any], tasks: Sequence[Task]):
+    if not tasks:
+      raise ServingError("no tasks to serve")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+      raise ServingError(f"task names must be unique, got {names}")
+    length, insert, kv_layers = _check_compatible(tasks, backbone.depth)
+    self.tasks = list(tasks)
+    self.names = names
+    self.num_classes = np.array([t.num_classes for t in tasks], np.int32)
+    self.params = {k: v for k, v in params.items() if k != "head"}
+    self.tables = self._stack(tasks, backbone.depth, length, kv_layers)
+    kv_only: Tuple[int, ...] = ()
+    if length and getattr(backbone, "fast_path", False) and hasattr(EncoderHooks, "kv_tokens"):
+      fresh = np.asarray(self.tables["serving"]["fresh"])
+      kv_only = tuple(l for l in range(backbone.depth) if fresh[:, l:l + 2].all())
+    hooks = MultiTaskPrompts(length=length, insert_layer=insert, num_prefix=int(backbone.class_token),
+                             depth=backbone.depth, kv_layers=kv_layers, kv_only_layers=kv_only)
+    self.model = backbone.clone(hooks=hooks, num_classes=None)
+    self._apply = jax.jit(self._logits)
+
+  @staticmethod
+  def _stack(tasks: Sequence[Task], depth: int, length: int,
+             kv_layers: Tuple[int, ...]) -> Dict[str, Array]:
+    n, c_max = len(tasks), max(t.num_classes for t in tasks)
+    d = tasks[0].head_kernel.shape[0]
+    kernel = np.zeros((n, d, c_max), np.float32)
+    bias = np.zeros((n, c_max), np.float32)
+    for i, t in enumerate(tasks):
+      kernel[i, :, :t.num_classes] = t.head_kernel
+      bias[i, :t.num_classes] = t.head_bias
+    out: Dict[str, Any] = {"head_kernel": kernel, "head_bias": bias}
+    serving: Dict[str, Any] = {}
+    if length:
+      width = next(iter(tasks[0].tokens.values())).shape[1]
+      tokens = np.zeros((n, depth, length, width), np.float32)
+      fresh = np.zeros((n, depth), bool)
+      for i, t in enumerate(tasks):
+        for layer, tok in t.tokens.items():
+          tokens[i, layer], fresh[i, layer] = tok, True
+      serving.update(tokens=tokens, fresh=fresh)
+    if kv_layers:
+      serving["kv_keys"] = np.stack([np.stack([t.kv[l][0] for l in kv_layers]) for t in tasks])
+      serving["kv_values"] = np.stack([np.stack([t.kv[l][1] for l in kv_layers]) for t in tasks])
+    out["serving"] = serving
+    return jax.tree.map(jnp.asarray, out)
+
+  def _logits(self, params, tables, images: Array, task_ids: Array) -> Array:
+    serving = {"hooks": {**tables["serving"], "task_ids": task_ids}}
+    feats = self.model.apply({"params": params, "serving": serving}, images)   # (B, D)
+    n, d, c = tables["head_kernel"].shape
+    # All heads in one matmul, then each example keeps its task's slice.
+    all_logits = feats @ jnp.transpose(tables["head_kernel"], (1, 0, 2)).reshape(d, n * c)
+    all_logits = all_logits.reshape(-1, n, c) + tables["head_bias"][None]
+    logits = jnp.take_along_axis(all_logits, task_ids[:, None, None], axis=1)[:, 0]
+    valid = jnp.arange(c)[None] < jnp.asarray(self.num_classes)[task_ids][:, None]
+    return jnp.where(valid, logits, -jnp.inf)
+
+  def __call__(self, images: Array, task_ids: Union[Array, Sequence[int]]) -> Array:
+    """(B, C_max) logits; row b is task `task_ids[b]`'s, -inf beyond its class count."""
+    task_ids = jnp.asarray(task_ids, jnp.int32)
+    if task_ids.shape != (images.shape[0],):
+      raise ValueError(f"task_ids of shape {tuple(task_ids.shape)}: need one id per image "
+                       f"({images.shape[0]})")
+    return self._apply(self.params, self.tables, images, task_ids)
+
+  def task_ids(self, names: Sequence[str]) -> np.ndarray:
+    """Task names -> ids (the order the server was built with)."""
+    unknown = [n for n in names if n not in self.names]
+    if unknown:
+      raise KeyError(f"unknown task(s) {unknown}; this server has {self.names}")
+    return np.array([self.names.index(n) for n in names], np.int32)
+
+  def predict(self, images: Array, tasks: Sequence[str]) -> List[np.ndarray]:
+    """Per-example class probabilities, each of its own task's length."""
+    probs = np.asarray(jax.nn.softmax(self(images, self.task_ids(tasks)), axis=-1))
+    return [p[:self.num_classes[i]] for p, i in zip(probs, self.task_ids(tasks))]
+
+  @classmethod
+  def from_tasks(cls, backbone: VisionTransformer, params: Mapping[str, Any],
+                 tasks: Sequence[Task]) -> "MultiTaskServer":
+    return cls(backbone.clone(hooks=None), params, tasks)
+
+  @classmethod
+  def from_workdirs(cls, workdirs: Union[Sequence[str], Mapping[str, str]], *,
+                    which: str = "best") -> "MultiTaskServer":
+    """Loads every tuned run (`load_tuned`) and checks that they share one backbone.
+
+    The runs must name the same backbone file (sha256) and model config, and must not have
+    trained any backbone weight (protocol vpt or linear): otherwise the error names the workdir.
+    """
+    from vpt_jax import builder, checkpointing, checkpoints  # pylint: disable=g-import-not-at-top
+    if not isinstance(workdirs, Mapping):
+      workdirs = {str(w): str(w) for w in workdirs}
+    if not workdirs:
+      raise ServingError("no workdirs to serve")
+    tasks, ref = [], None
+    for name, wd in workdirs.items():
+      config = checkpointing.read_config(wd)
+      model, variables = checkpointing.load_tuned(wd, which=which)
+      sha = builder.file_sha256(checkpoints.resolve(config.model.checkpoint)[0])
+      try:
+        tasks.append(task_from_model(name, model, variables))  # refuses pools other than original
+      except ServingError as e:
+        raise ServingError(f"workdir {wd}: {e}") from None
+      fields = {f: getattr(model, f) for f in SHARED_FIELDS}
+      if ref is None:
+        ref = (wd, sha, fields, variables["params"])
+      else:
+        _check_same_backbone(wd, sha, fields, variables["params"], config.protocol, ref)
+    # With pool 'original', `prompts.attach` kept the backbone's own pool_type.
+    backbone = model.clone(hooks=None)
+    try:
+      return cls(backbone, ref[3], tasks)
+    except ServingError as e:
+      raise ServingError(f"workdirs {list(workdirs.values())}: {e}") from None
+
+
+def _flat(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(params)).items()
+          if k[0] != "head"}
+
+
+def _check_same_backbone(wd: str, sha: str, fields: Dict[str, Any], params: Mapping[str, Any],
+                         protocol: str, ref: Tuple[str, str, Dict[str, Any], Any]) -> None:
+  ref_wd, ref_sha, ref_fields, ref_params = ref
+  if sha != ref_sha:
+    raise ServingError(f"workdir {wd} was tuned on another backbone file than {ref_wd} "
+                       f"(backbone_sha256 {sha[:12]}... vs {ref_sha[:12]}...)")
+  diff = [f"{k}: {fields[k]!r} vs {ref_fields[k]!r}" for k in SHARED_FIELDS
+          if fields[k] != ref_fields[k]]
+  if diff:
+    raise ServingError(f"workdir {wd} has another model config than {ref_wd}: " + "; ".join(diff))
+  a, b = _flat(params), _flat(ref_params)
+  changed = [k for k in sorted(set(a) | set(b))
+             if k not in a or k not in b or not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))]
+  if changed:
+    raise ServingError(f"workdir {wd} (protocol {protocol!r}) changed backbone weights "
+                       f"({changed[0]}{' and more' if len(changed) > 1 else ''}) relative to "
+                       f"{ref_wd}; only prompt + head runs (protocol vpt or linear) can share one "
+                       "backbone")
