@@ -109,6 +109,7 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--paths", default="fast,straightforward")
+  ap.add_argument("--protocols", default=",".join(PROTOCOLS))
   args = ap.parse_args()
   matmul = matmul_flops_per_s()
   out = {"benchmark": "step_cost", "device": str(jax.devices()[0].device_kind),
@@ -117,14 +118,16 @@ def main() -> None:
   for name in args.models.split(","):
     res = {}
     for path in args.paths.split(","):
-      for p, (proto, kw) in PROTOCOLS.items():
+      for p in args.protocols.split(","):
+        proto, kw = PROTOCOLS[p]
         r = measure(MODELS[name], proto, kw, args.batch, args.steps, PATHS[path])
         r["achieved_over_matmul"] = round(r["achieved_gflops_per_s"] * 1e9 / matmul, 3)
         res[f"{p}/{path}"] = r
     for path in args.paths.split(","):
-      res[f"deep_fwd_over_plain_fwd/{path}"] = round(
-          res[f"vpt_deep_p50/{path}"]["fwd_gflops"] / res[f"linear/{path}"]["fwd_gflops"], 4)
-    if "straightforward" in args.paths and "fast" in args.paths:
+      if f"vpt_deep_p50/{path}" in res and f"linear/{path}" in res:
+        res[f"deep_fwd_over_plain_fwd/{path}"] = round(
+            res[f"vpt_deep_p50/{path}"]["fwd_gflops"] / res[f"linear/{path}"]["fwd_gflops"], 4)
+    if {"vpt_deep_p50/fast", "vpt_deep_p50/straightforward", "linear/straightforward"} <= set(res):
       deep_f, deep_s = res["vpt_deep_p50/fast"], res["vpt_deep_p50/straightforward"]
       res["deep_fast_fwd_over_plain_straightforward_fwd"] = round(
           deep_f["fwd_gflops"] / res["linear/straightforward"]["fwd_gflops"], 4)

@@ -7,7 +7,8 @@
 
 Argument: a dataset (cub, nabirds, flowers, dogs, cars), `json` to read VPT's folder layout
 (train.json / val.json / test.json under data.root; NABirds always does, it has no tfds builder)
-instead of tfds, `final` to train on train+val and report test, and `key.path=value` overrides.
+instead of tfds, `final` to train on train+val and report test, `e2vpt` for E2VPT's prompts (5 visual +
+5 key-value tokens), and `key.path=value` overrides.
 Preprocessing as the paper: shorter side to 256, random 224 crop and flip for training, central
 crop for evaluation. Where a dataset has no validation split, a seeded random 10% of train is held
 out. The official per-dataset lr/wd (per 256 images, scale by batch_size/256 here): CUB 0.1/0.01,
@@ -35,7 +36,7 @@ DATASETS = {
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   names, overrides = common.split_arg(arg or "cub")
-  ds = [n for n in names if n not in ("final", "json")]
+  ds = [n for n in names if n not in ("final", "json", "e2vpt")]
   if len(ds) != 1 or ds[0] not in DATASETS:
     raise ValueError(f"configs/fgvc.py argument {arg!r}: expected one of {', '.join(DATASETS)}")
   name, val_split, classes, lr, wd, image_dir = DATASETS[ds[0]]
@@ -52,5 +53,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       c.data.train_split = "train+validation"
   c.optim.lr = lr * c.batch_size / 256
   c.optim.wd = wd
+  if "e2vpt" in names:  # E2VPT's FGVC default: 5 visual + 5 key-value tokens
+    c.prompt.length, c.prompt.kv_length = 5, 5
   common.apply_arg(c, overrides)
   return c

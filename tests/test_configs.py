@@ -62,3 +62,11 @@ def test_vtab_from_pre_extracted_folders():
   assert c.data.num_classes == 16 and c.task == "dsprites_location"
   final = vtab.get_config("cifar100,folder,final")
   assert (final.data.train_split, final.data.val_split) == ("train800val200", "")
+
+
+def test_e2vpt_presets_use_the_papers_token_counts():
+  v = vtab.get_config("dtd,e2vpt")
+  assert (v.prompt.length, v.prompt.kv_length, v.prompt.deep) == (10, 5, True)
+  f = fgvc.get_config("cub,e2vpt,prompt.kv_length=3")
+  assert (f.prompt.length, f.prompt.kv_length) == (5, 3)
+  assert vtab.get_config("dtd").prompt.kv_length == 0

@@ -233,6 +233,8 @@ def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   assert summary["pruned_trainable_params"] == depth * 4 * 12 * (width // 16) + kv + head
   assert summary["dense_trainable_params"] == depth * 8 * width + kv + head
   assert summary["rewind_test_top1"] == rewound["test_top1"]
+  # The rewound run's own report counts the pruned prompts, not the full tensor.
+  assert rewound["trainable_params"] == summary["pruned_trainable_params"]
   # The compact model (4 tokens in the sequence) scores exactly what the masked run scored.
   small, small_v = prune.load_pruned(os.path.join(workdir, "rewind"))
   assert small.hooks.length == 4

@@ -124,7 +124,8 @@ def count(tree: Any) -> int:
   return int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree)))
 
 
-def param_report(variables: Mapping[str, Any], mask: Tree, *, n_tasks: int = 1) -> Dict[str, float]:
+def param_report(variables: Mapping[str, Any], mask: Tree, *, n_tasks: int = 1,
+                 trainable_count: Optional[int] = None) -> Dict[str, float]:
   """Trainable counts and the VPT paper's "total params" multiple.
 
   The backbone B is everything in 'params' except the head (each task trains a new head). Serving
@@ -134,12 +135,13 @@ def param_report(variables: Mapping[str, Any], mask: Tree, *, n_tasks: int = 1) 
       total multiple (N tasks) = (B * [some backbone weight frozen] + N * t) / B.
 
   This is how the paper's Table 1 counts (24 tasks): Linear 1.02x, Partial-1 3.00x, Full 24.02x.
+  trainable_count: t when it is less than the trainable leaves' size (pruned E2VPT prompts).
   """
   trainable, frozen = split(variables, mask)
   backbone = count({k: v for k, v in dict(variables.get("params", {})).items() if k != "head"})
   frozen_backbone = count({k: v for k, v in dict(frozen.get("params", {})).items() if k != "head"})
   shared = backbone if frozen_backbone else 0
-  t = count(trainable)
+  t = count(trainable) if trainable_count is None else int(trainable_count)
   return {
       "trainable": t,
       "backbone": backbone,

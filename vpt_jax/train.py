@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -186,6 +186,16 @@ def evaluate(eval_step: Callable, trainable: Tree, frozen: Tree, pipe, sharding)
           "count": totals["count"]}
 
 
+def _pruned_count(variables: Tree, trainable: Tree) -> Optional[int]:
+  """The real trainable count of E2VPT-pruned prompts (masked-off entries are not parameters)."""
+  masks = variables.get("prompt_masks")
+  if masks is None:
+    return None
+  from vpt_jax import pruning  # pylint: disable=g-import-not-at-top
+  m = jax.device_get(masks["hooks"])
+  return pruning.pruned_count(trainable, {"tokens": m["token_mask"], "segments": m["segment_mask"]})
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains what the config's rule selects, evaluates, checkpoints; returns the results dict.
 
@@ -243,7 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     say(f"resuming from {workdir}/checkpoints/last at step {int(state.step)}")
   if lead:
     checkpointing.write_config(workdir, config)
-  report = partition.param_report(built.variables, built.mask)
+  report = partition.param_report(built.variables, built.mask,
+                                  trainable_count=_pruned_count(built.variables, trainable))
   say(f"model: {model.depth} layers, width {model.width}, {config.model.num_classes} classes; "
       f"protocol {config.protocol}: {report['trainable']:,} trainable parameters "
       f"({report['trainable_percent_of_backbone']:.3f}% of the {report['backbone']:,} backbone); "
