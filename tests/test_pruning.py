@@ -248,3 +248,11 @@ def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   # Rerunning skips every stage.
   again = prune.run(c, workdir)
   assert again["rewind_test_top1"] == summary["rewind_test_top1"]
+
+
+def test_unknown_prune_option_is_named():
+  c = pruning.default_config()
+  c.unlock()
+  c.token_frac = 0.5
+  with pytest.raises(ValueError, match="unknown config option.*prune.token_frac"):
+    pruning.check_config(c)

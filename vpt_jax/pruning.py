@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from vpt_jax import partition
+from vpt_jax.models import prompts
 from vpt_jax.train import cross_entropy
 
 Tree = Dict[str, Any]
@@ -53,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
+  prompts.check_options(cfg, default_config(), "prune")
   for key in ("token_fraction", "segment_fraction"):
     if not 0.0 <= cfg[key] < 1.0:
       raise ValueError(f"config prune.{key}={cfg[key]} must be in [0, 1)")

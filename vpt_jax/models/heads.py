@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vpt_jax.models import prompts
 from vpt_jax.models.vit import EncoderHooks, VisionTransformer
 
 Array = jax.Array
@@ -78,11 +79,7 @@ def protocol_modules(protocol: str) -> Dict[str, Any]:
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Value checks of the `modules` section; errors name the option."""
-  known = set(default_config())
-  unknown = sorted(set(cfg) - known)
-  if unknown:
-    raise ValueError(f"unknown config option(s) modules.{', modules.'.join(unknown)}; "
-                     f"known: {', '.join(sorted(known))}")
+  prompts.check_options(cfg, default_config(), "modules")
   if cfg.mlp_hidden < 0:
     raise ValueError(f"config modules.mlp_hidden={cfg.mlp_hidden} must be >= 0 (0 = feature width)")
   if cfg.mlp_norm not in NORMS:

@@ -290,12 +290,17 @@ class VPT(EncoderHooks):
     return x[:, k:]  # 'all'
 
 
-def check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> None:
-  known = set(default_config())
-  unknown = sorted(set(cfg) - known)
+def check_options(cfg: ml_collections.ConfigDict, default: ml_collections.ConfigDict,
+                  section: str) -> None:
+  """An unknown key of a config section is an error that names it and lists the known ones."""
+  unknown = sorted(set(cfg) - set(default))
   if unknown:
-    raise ValueError(f"unknown config option(s) prompt.{', prompt.'.join(unknown)}; "
-                     f"known: {', '.join(sorted(known))}")
+    raise ValueError(f"unknown config option(s) {section}.{f', {section}.'.join(unknown)}; "
+                     f"known: {', '.join(sorted(default))}")
+
+
+def check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> None:
+  check_options(cfg, default_config(), "prompt")
   if cfg.length < 0:
     raise ValueError(f"config prompt.length={cfg.length} must be >= 0")
   if cfg.location not in LOCATIONS:
