@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any, Dict, Tuple
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 import ml_collections
 import numpy as np
@@ -187,6 +187,8 @@ def main(argv) -> None:
   del argv
   if _CONFIG.value is None or not _WORKDIR.value:
     sys.exit("usage: python -m vpt_jax.prune --config=configs/FILE.py[:ARG] --workdir=DIR")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
   run(_CONFIG.value, _WORKDIR.value)
 
 
