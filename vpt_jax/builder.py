@@ -126,11 +126,15 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
                  **prompts.init_masks(model)}
     variables = prompts.load_masks(variables, config.prompt)
   model, variables = _attach_modules(config, model, variables, rng)
-  patterns = list(config.trainable) or partition.protocol_patterns(config.protocol,
-                                                                   depth=model.depth)
+  patterns = trainable_patterns(config, model)
   mask = partition.label(variables, patterns)
   return Built(model=model, variables=variables, patterns=patterns, mask=mask,
                backbone_file=path, backbone_sha256=file_sha256(path))
+
+
+def trainable_patterns(config: ml_collections.ConfigDict, model: VisionTransformer) -> List[str]:
+  """The run's trainable rule: `config.trainable` if given, else its protocol's patterns."""
+  return list(config.trainable) or partition.protocol_patterns(config.protocol, depth=model.depth)
 
 
 def _attach_modules(config: ml_collections.ConfigDict, model: VisionTransformer,

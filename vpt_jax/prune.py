@@ -39,10 +39,6 @@ def _save_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
-def _patterns(config: ml_collections.ConfigDict, model: Any):
-  return list(config.trainable) or partition.protocol_patterns(config.protocol, depth=model.depth)
-
-
 def stage_configs(config: ml_collections.ConfigDict, workdir: str
                   ) -> Tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
   """(dense config, rewind config) for a user's config."""
@@ -63,7 +59,7 @@ def score(dense_dir: str, *, say=print) -> Dict[str, np.ndarray]:
   from vpt_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   config = checkpointing.read_config(dense_dir)
   model, variables = checkpointing.load_tuned(dense_dir, which="last")
-  built_mask = partition.label(variables, _patterns(config, model))
+  built_mask = partition.label(variables, builder.trainable_patterns(config, model))
   trainable, frozen = partition.split(variables, built_mask)
   d = config.data
   split = sources.load_splits(d, [d.train_split])[d.train_split]
@@ -87,7 +83,7 @@ def save_pruned(rewind_dir: str, path: str) -> Dict[str, Any]:
   """Writes the compact pruned set of the rewound run; returns its counts."""
   config = checkpointing.read_config(rewind_dir)
   model, variables = checkpointing.load_tuned(rewind_dir, which="last")
-  mask = partition.label(variables, _patterns(config, model))
+  mask = partition.label(variables, builder.trainable_patterns(config, model))
   trainable, _ = partition.split(variables, mask)
   masks = {k: np.asarray(v) for k, v in np.load(config.prompt.mask_file).items()}
   tokens = np.asarray(trainable["prompts"]["hooks"]["tokens"])
