@@ -5,7 +5,7 @@
 
 The task is the offline demo's (shipped `demo-vit` backbone, scikit-learn digits): the final
 split train800val200 (1000 images, batch 64, 15 steps per epoch), tested on the other 797. Each
-protocol runs `train.train_and_evaluate` twice, with `cache_features` False and True, and the wall
+protocol runs `loop.train_and_evaluate` twice, with `cache_features` False and True, and the wall
 time covers everything the run does (backbone load, data, token caching, compilation, training,
 test evaluation, the final checkpoint; one untimed run first warms up the imports). Prints one JSON line: per protocol and mode the wall time, trained
 images per second of wall time, test top-1 and loss (the two modes must agree), and the speedup.
@@ -28,7 +28,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo  # noqa: E402  pylint: disable=g-import-not-at-top
-from vpt_jax import train  # noqa: E402  pylint: disable=g-import-not-at-top
+from vpt_jax.tuning import loop
 
 
 LR = {"linear": 1.0, "partial-1": 0.1}   # the demo's linear-probe lr; partial-1 needs less
@@ -43,7 +43,7 @@ def run(protocol: str, cached: bool, epochs: int, workdir: str) -> dict:
   log = io.StringIO()
   t = time.perf_counter()
   with contextlib.redirect_stdout(log):
-    r = train.train_and_evaluate(c, workdir)
+    r = loop.train_and_evaluate(c, workdir)
   wall = time.perf_counter() - t
   images = r["steps"] * c.batch_size
   return {"wall_s": round(wall, 2), "images_per_s": round(images / wall, 1),

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from vpt_jax import partition, train
-from vpt_jax.checkpoints import Architecture
+from vpt_jax.tuning import rules
+from vpt_jax.tuning import optim
+from vpt_jax.tuning import steps
+from vpt_jax.weights.npz import Architecture
 from vpt_jax.data import pipeline, sources
-from vpt_jax.models import prompts
+from vpt_jax import prompts
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -62,11 +64,11 @@ def step_rate(arch: Architecture, batch: int, steps: int = 3) -> float:
   model = prompts.attach(arch.model(), cfg)
   x = jnp.zeros((batch, *arch.image_size, 3), jnp.float32)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
-  trainable, frozen = partition.split(
-      variables, partition.label(variables, partition.protocol_patterns("vpt")))
-  tx, schedule = train.make_optimizer(train.default_optim_config(), 10)
-  state = train.create_train_state(trainable, tx, jax.random.PRNGKey(1))
-  step = jax.jit(train.make_train_step(model, tx, schedule), donate_argnums=(0,))
+  trainable, frozen = rules.split(
+      variables, rules.label(variables, rules.protocol_patterns("vpt")))
+  tx, schedule = optim.make_optimizer(optim.default_optim_config(), 10)
+  state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(1))
+  step = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=(0,))
   batch_d = {"image": x, "label": jnp.zeros((batch,), jnp.int32)}
   state, m = step(state, frozen, batch_d)
   jax.block_until_ready(m)

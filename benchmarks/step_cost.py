@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vpt_jax import partition, train
-from vpt_jax.checkpoints import Architecture
-from vpt_jax.models import prompts
+from vpt_jax.tuning import rules
+from vpt_jax.tuning import optim
+from vpt_jax.tuning import steps
+from vpt_jax.weights.npz import Architecture
+from vpt_jax import prompts
 
 MODELS = {
     "tiny": Architecture(patch_size=(4, 4), in_channels=3, width=64, depth=2, num_heads=4,
@@ -68,16 +70,16 @@ def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, steps: int
                        jnp.float32)
   labels = jnp.asarray(np.arange(batch) % arch.num_classes, jnp.int32)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
-  mask = partition.label(variables, partition.protocol_patterns(protocol))
-  trainable, frozen = partition.split(variables, mask)
-  optim = train.default_optim_config()
-  tx, schedule = train.make_optimizer(optim, steps_per_epoch=100)
-  state = train.create_train_state(trainable, tx, jax.random.PRNGKey(1))
+  mask = rules.label(variables, rules.protocol_patterns(protocol))
+  trainable, frozen = rules.split(variables, mask)
+  optim = optim.default_optim_config()
+  tx, schedule = optim.make_optimizer(optim, steps_per_epoch=100)
+  state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(1))
   batch_d = {"image": images, "label": labels}
 
-  fwd = jax.jit(lambda t, f, x: model.apply(partition.merge(t, f), x)).lower(
+  fwd = jax.jit(lambda t, f, x: model.apply(rules.merge(t, f), x)).lower(
       trainable, frozen, images).compile()
-  step = jax.jit(train.make_train_step(model, tx, schedule), donate_argnums=(0,)).lower(
+  step = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=(0,)).lower(
       state, frozen, batch_d).compile()
   fwd_flops = fwd.cost_analysis()["flops"]
   step_flops = step.cost_analysis()["flops"]
@@ -91,7 +93,7 @@ def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, steps: int
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t) / steps
   return {
-      "trainable_params": partition.count(trainable),
+      "trainable_params": rules.count(trainable),
       "fwd_gflops": round(fwd_flops / 1e9, 3),
       "step_gflops": round(step_flops / 1e9, 3),
       "step_over_fwd": round(step_flops / fwd_flops, 4),

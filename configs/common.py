@@ -8,15 +8,16 @@ trained on (`data.normalization='imagenet'` reproduces the official VPT code).
 
 import ml_collections
 
-from vpt_jax import pruning, train
+from vpt_jax import prompts
 from vpt_jax.data import sources
-from vpt_jax.models import heads, prompts
+from vpt_jax.models import heads
+from vpt_jax.tuning import optim, pruning
 
 
 def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
   """How `vpt_jax.load_pretrained` is called.
 
-  checkpoint: a model-zoo name (`vpt_jax.zoo`), a local .npz path or a gs:// / https:// URL, with
+  checkpoint: a model-zoo name (`vpt_jax.weights.zoo`), a local .npz path or a gs:// / https:// URL, with
     an optional ':subtree' suffix (SigLIP files: ':img').
   image_size: run at this resolution (position embeddings are resampled); 0 = the checkpoint's.
   num_classes: the new head's classes; 0 = the dataset's.
@@ -42,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.modules = heads.default_config()     # options of mlp-k / adapter / side (README "baselines")
   c.trainable = ()                       # regexes over variable paths; replace the protocol's
   c.prune = pruning.default_config()     # E2VPT pruning (python -m vpt_jax.prune)
-  c.optim = train.default_optim_config()  # SGD momentum 0.9, warmup 10 + cosine to 100 epochs
+  c.optim = optim.default_optim_config()  # SGD momentum 0.9, warmup 10 + cosine to 100 epochs
   c.data = sources.default_config()
   c.batch_size = 128
   c.seed = 0

@@ -18,7 +18,10 @@ import numpy_vit
 import vpt_jax
 from configs import demo
 from conftest import data_path, load_io
-from vpt_jax import builder, partition, train
+from vpt_jax.tuning import build
+from vpt_jax.tuning import rules
+from vpt_jax.tuning import optim
+from vpt_jax.tuning import steps
 from vpt_jax.models import heads
 
 # demo-vit: 32x32 images, patch 4 (64 patches), width 64, 4 layers, MLP 192, class token; 10 classes.
@@ -67,19 +70,19 @@ def runs(digits):
   """protocol -> (built, variables after STEPS SGD steps, losses on batch 0 before/after)."""
   out = {}
   for protocol in PROTOCOLS:
-    built = builder.build(demo_config(protocol))
-    cfg = train.default_optim_config()
+    built = build.build(demo_config(protocol))
+    cfg = optim.default_optim_config()
     cfg.update(dict(name="adamw", lr=LR.get(protocol, 1e-2), wd=0.0, warmup_epochs=0, epochs=STEPS))
-    tx, _ = train.make_optimizer(cfg, steps_per_epoch=1)
-    trainable, frozen = partition.split(built.variables, built.mask)
-    state = train.create_train_state(trainable, tx, jax.random.PRNGKey(0))
-    step = jax.jit(train.make_train_step(built.model, tx))
+    tx, _ = optim.make_optimizer(cfg, steps_per_epoch=1)
+    trainable, frozen = rules.split(built.variables, built.mask)
+    state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(0))
+    step = jax.jit(steps.make_train_step(built.model, tx))
     losses = []
     for i in range(STEPS):
       state, metrics = step(state, frozen, digits[i % 2])
       losses.append(float(metrics["loss"]))
     state, metrics = step(state, frozen, digits[0])  # the loss after STEPS steps on batch 0
-    after = partition.merge(state.trainable, frozen)
+    after = rules.merge(state.trainable, frozen)
     out[protocol] = (built, after, losses[0], float(metrics["loss"]))
   return out
 
@@ -88,8 +91,8 @@ def runs(digits):
 def test_exactly_the_protocols_leaves_change(runs, protocol):
   built, after, _, _ = runs[protocol]
   before = built.variables
-  paths = partition.leaf_paths(before)
-  assert partition.leaf_paths(after) == paths
+  paths = rules.leaf_paths(before)
+  assert rules.leaf_paths(after) == paths
   trainable = {p for p, m in zip(paths, jax.tree.leaves(built.mask)) if m}
   changed = {p for p, a, b in zip(paths, jax.tree.leaves(after), jax.tree.leaves(before))
              if not np.array_equal(np.asarray(a), np.asarray(b))}
@@ -118,13 +121,13 @@ def test_each_protocol_trains_on_the_demo_digits(runs, protocol):
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_parameter_counts_match_the_architecture(runs, protocol):
   built = runs[protocol][0]
-  r = partition.param_report(built.variables, built.mask, n_tasks=24)
+  r = rules.param_report(built.variables, built.mask, n_tasks=24)
   t = EXPECTED_TRAINABLE[protocol]
   assert (r["backbone"], r["trainable"]) == (BACKBONE, t)  # modules are never backbone
   shared = 0 if protocol == "full" else BACKBONE
   assert r["total_multiple"] == pytest.approx((shared + 24 * t) / BACKBONE)
   if protocol in ("mlp-3", "adapter", "side"):
-    assert partition.count(built.variables[heads.COLLECTION]) == t - HEAD
+    assert rules.count(built.variables[heads.COLLECTION]) == t - HEAD
 
 
 def test_adapter_starts_as_the_backbone_and_its_down_projection_learns(runs, digits):
@@ -137,7 +140,7 @@ def test_adapter_starts_as_the_backbone_and_its_down_projection_learns(runs, dig
   images = digits[0]["image"]
   np.testing.assert_array_equal(built.model.apply(built.variables, images), base.apply(v, images))
 
-  loss_fn = jax.jit(jax.grad(train.make_loss_fn(built.model), has_aux=True))
+  loss_fn = jax.jit(jax.grad(steps.make_loss_fn(built.model), has_aux=True))
   mods = built.variables[heads.COLLECTION]["hooks"]
   head = {"kernel": jnp.asarray(np.random.default_rng(0).normal(0, 0.1, (D, K)), jnp.float32),
           "bias": jnp.zeros((K,))}
@@ -176,7 +179,7 @@ def _randomised(model, scale=0.3):
 
 
 def _flat(tree):
-  return {p: np.asarray(x, np.float64) for p, x in zip(partition.leaf_paths(tree),
+  return {p: np.asarray(x, np.float64) for p, x in zip(rules.leaf_paths(tree),
                                                           jax.tree.leaves(tree))}
 
 
@@ -258,7 +261,7 @@ def test_side_network_matches_numpy():
 def test_bad_options_are_named(override, match):
   c = demo.get_config(f"linear,{override}")
   with pytest.raises(ValueError, match=match):
-    builder.check_config(c)
+    build.check_config(c)
 
 
 def test_unknown_module_options_and_protocols_are_named():
@@ -267,17 +270,17 @@ def test_unknown_module_options_and_protocols_are_named():
   with pytest.raises(ValueError, match=r"unknown config option\(s\) modules.depth"):
     heads.check_config(cfg)
   with pytest.raises(ValueError, match=r"unknown protocol 'adapters'.*adapter or side"):
-    partition.protocol_patterns("adapters")
+    rules.protocol_patterns("adapters")
 
 
 def test_mlp_head_of_another_width_gets_a_fresh_head():
   c = demo_config("mlp-2")
   c.modules.mlp_hidden = 32
   c.modules.mlp_norm = "none"
-  built = builder.build(c)
+  built = build.build(c)
   assert built.variables["params"]["head"]["kernel"].shape == (32, K)
   assert not np.any(built.variables["params"]["head"]["kernel"])
-  r = partition.param_report(built.variables, built.mask)
+  r = rules.param_report(built.variables, built.mask)
   assert r["trainable"] == (D * 32 + 32) + (32 * K + K)
   assert "module_hooks" in built.fingerprint()
 
@@ -287,14 +290,14 @@ def test_prompts_and_modules_compose_with_their_own_paths():
   c = demo_config("mlp-2")
   c.prompt.length, c.prompt.deep = 3, True
   c.trainable = (r"prompts/.*", r"modules/.*", r"params/head/.*")
-  built = builder.build(c)
+  built = build.build(c)
   alone = demo_config("vpt")
   alone.prompt.length, alone.prompt.deep = 3, True
-  vpt = builder.build(alone)
+  vpt = build.build(alone)
   np.testing.assert_array_equal(built.variables["prompts"]["hooks"]["tokens"],
                                 vpt.variables["prompts"]["hooks"]["tokens"])
   assert isinstance(built.model.hooks, heads.ComposedHooks)
-  paths = partition.leaf_paths(partition.split(built.variables, built.mask)[0])
+  paths = rules.leaf_paths(rules.split(built.variables, built.mask)[0])
   assert "prompts/hooks/tokens" in paths and "modules/hooks/mlp/dense_0/kernel" in paths
   # With the MLP head at its start (head zero), the composed model equals VPT with that MLP.
   images = jnp.zeros((2, 32, 32, 3))

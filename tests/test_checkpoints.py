@@ -17,8 +17,9 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io, load_raw
-from vpt_jax import checkpoints
-from vpt_jax.checkpoints import CheckpointError
+from vpt_jax.weights import npz
+from vpt_jax.weights import download
+from vpt_jax.weights.download import CheckpointError
 
 VITJAX = data_path("vitjax_token.npz")
 BIGVISION = data_path("bigvision_gap.npz")
@@ -269,7 +270,7 @@ def test_resampling_matches_scipy_zoom_on_other_grids():
   rng = np.random.default_rng(0)
   for old, new in [((8, 8), (12, 12)), ((8, 8), (5, 5)), ((14, 14), (24, 24)), ((8, 8), (8, 12))]:
     posemb = rng.standard_normal((1, 1 + old[0] * old[1], 16)).astype(np.float32)
-    ours = checkpoints.resample_posemb(posemb, old, new, cls_row=True)
+    ours = npz.resample_posemb(posemb, old, new, cls_row=True)
     grid = posemb[0, 1:].reshape(*old, 16)
     ref = scipy.ndimage.zoom(grid, (new[0] / old[0], new[1] / old[1], 1), order=1)
     np.testing.assert_array_equal(ours[:, 0], posemb[:, 0])
@@ -343,11 +344,11 @@ def test_bf16_compute_stays_close_to_float32():
 
 
 def test_split_subtree():
-  assert checkpoints.split_subtree("a/b.npz:img") == ("a/b.npz", "img")
-  assert checkpoints.split_subtree("gs://b/x.npz:params/img") == ("gs://b/x.npz", "params/img")
-  assert checkpoints.split_subtree("gs://b/x.npz") == ("gs://b/x.npz", None)
-  assert checkpoints.split_subtree("https://h/x.npz") == ("https://h/x.npz", None)
-  assert checkpoints.split_subtree("x.npz") == ("x.npz", None)
+  assert download.split_subtree("a/b.npz:img") == ("a/b.npz", "img")
+  assert download.split_subtree("gs://b/x.npz:params/img") == ("gs://b/x.npz", "params/img")
+  assert download.split_subtree("gs://b/x.npz") == ("gs://b/x.npz", None)
+  assert download.split_subtree("https://h/x.npz") == ("https://h/x.npz", None)
+  assert download.split_subtree("x.npz") == ("x.npz", None)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -380,10 +381,10 @@ def test_https_style_download_into_cache(tmp_path):
 
 
 def test_zoo_names_resolve_to_published_files():
-  from vpt_jax import zoo
+  from vpt_jax.weights import zoo
   assert zoo.url_for("vit-b16-i21k") == "gs://vit_models/imagenet21k/ViT-B_16.npz"
   for name in zoo.names():
-    path, sub = checkpoints.split_subtree(zoo.url_for(name))
+    path, sub = download.split_subtree(zoo.url_for(name))
     if name in ("tiny-random", "demo-vit"):
       assert os.path.exists(path) and vpt_jax.inspect(name).width == 64
       continue

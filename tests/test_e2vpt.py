@@ -11,9 +11,9 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io
-from vpt_jax import partition
-from vpt_jax.checkpoints import Architecture
-from vpt_jax.models import prompts
+from vpt_jax.tuning import rules
+from vpt_jax.weights.npz import Architecture
+from vpt_jax import prompts
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 BASE, BASE_VARS = vpt_jax.load_pretrained(data_path("vitjax_token.npz"))  # 2 layers, 4 heads
@@ -108,7 +108,7 @@ def test_vit_b16_counts_and_config_errors():
   model = prompts.attach(base, cfg)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x),
                           jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
-  assert partition.count(shapes["prompts"]) == 92160 + 46080
+  assert rules.count(shapes["prompts"]) == 92160 + 46080
   cfg.kv_length = -1
   with pytest.raises(ValueError, match=r"prompt.kv_length=-1"):
     prompts.attach(base, cfg)
@@ -116,12 +116,12 @@ def test_vit_b16_counts_and_config_errors():
 
 def test_trainer_runs_e2vpt_prompts(tmp_path):
   from configs import demo
-  from vpt_jax import train
+  from vpt_jax.tuning import loop
   c = demo.get_config("vpt-deep,model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,"
                       "prompt.length=2,prompt.kv_length=3,log_every_steps=12")
-  results = train.train_and_evaluate(c, str(tmp_path))
+  results = loop.train_and_evaluate(c, str(tmp_path))
   # visual 2 layers x 2 x 64, key-value 2 layers x 4 heads x 3 x 16, head 64 x 10 + 10
   assert results["trainable_params"] == 2 * 2 * 64 + 2 * 4 * 3 * 16 + 650
   kv_only = demo.get_config("vpt-deep,model.checkpoint=tiny-random,optim.epochs=1,"
                             "optim.warmup_epochs=0,prompt.length=0,prompt.kv_length=3")
-  assert train.train_and_evaluate(kv_only, str(tmp_path / "kv"))["trainable_params"] == 384 + 650
+  assert loop.train_and_evaluate(kv_only, str(tmp_path / "kv"))["trainable_params"] == 384 + 650

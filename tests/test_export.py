@@ -7,9 +7,9 @@ import pytest
 from flax import traverse_util
 
 import vpt_jax
-import vpt_jax.zoo
+import vpt_jax.weights.zoo
 from conftest import data_path, load_io, load_raw
-from vpt_jax import checkpoints
+from vpt_jax.weights import npz
 
 
 def flat(variables):
@@ -23,7 +23,7 @@ def flat(variables):
 def test_round_trip_is_exact(tmp_path, ckpt, layout):
   model, variables = vpt_jax.load_pretrained(data_path(ckpt))
   path = str(tmp_path / "out.npz")
-  checkpoints.save_npz(variables["params"], path, layout=layout)
+  npz.save_npz(variables["params"], path, layout=layout)
   model2, variables2 = vpt_jax.load_pretrained(path)
   a, b = flat(variables), flat(variables2)
   assert a.keys() == b.keys()
@@ -37,7 +37,7 @@ def test_round_trip_is_exact(tmp_path, ckpt, layout):
 def test_vit_jax_layout_reproduces_the_published_file(tmp_path):
   _, variables = vpt_jax.load_pretrained(data_path("vitjax_token.npz"))
   path = str(tmp_path / "out.npz")
-  checkpoints.save_npz(variables["params"], path, layout="vit_jax")
+  npz.save_npz(variables["params"], path, layout="vit_jax")
   ours, original = load_raw_path(path), load_raw("vitjax_token.npz")
   assert ours.keys() == original.keys()
   for k in ours:
@@ -52,9 +52,9 @@ def load_raw_path(path):
 def test_vit_jax_layout_needs_a_class_token_row(tmp_path):
   _, variables = vpt_jax.load_pretrained(data_path("bigvision_gap.npz"))
   with pytest.raises(ValueError, match="class-token row"):
-    checkpoints.save_npz(variables["params"], str(tmp_path / "x.npz"), layout="vit_jax")
+    npz.save_npz(variables["params"], str(tmp_path / "x.npz"), layout="vit_jax")
   with pytest.raises(ValueError, match="layout='vitjax'"):
-    checkpoints.save_npz(variables["params"], str(tmp_path / "x.npz"), layout="vitjax")
+    npz.save_npz(variables["params"], str(tmp_path / "x.npz"), layout="vitjax")
 
 
 def test_shipped_demo_backbone():

@@ -11,10 +11,10 @@ import pytest
 
 import vpt_jax
 from conftest import data_path, load_io
-from vpt_jax import partition
-from vpt_jax.models import prompts
+from vpt_jax.tuning import rules
+from vpt_jax import prompts
 from vpt_jax.models.vit import VisionTransformer
-from vpt_jax.train import cross_entropy
+from vpt_jax.tasks.classification import cross_entropy
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 LABELS = jnp.array([0, 3, 1, 4])
@@ -74,12 +74,12 @@ def _check(model, params, kw, expect_fewer_flops):
   variables = {"params": params, "prompts": pr}
   if cfg.masks:
     variables["prompt_masks"] = {"hooks": PRUNED}
-  mask = partition.label(variables, [r"prompts/.*", r"params/head/.*"])
-  trainable, frozen = partition.split(variables, mask)
+  mask = rules.label(variables, [r"prompts/.*", r"params/head/.*"])
+  trainable, frozen = rules.split(variables, mask)
   train = bool(cfg.dropout)
 
   def loss(m, t):
-    logits = m.apply(partition.merge(t, frozen), IMAGES, train=train,
+    logits = m.apply(rules.merge(t, frozen), IMAGES, train=train,
                      rngs={"dropout": jax.random.PRNGKey(5)})
     return cross_entropy(logits, LABELS).mean(), logits
 
@@ -94,7 +94,7 @@ def _check(model, params, kw, expect_fewer_flops):
     outs[name] = (np.asarray(logits), g, flops)
   (lf, gf, ff), (ls, gs, fs) = outs["fast"], outs["slow"]
   np.testing.assert_allclose(lf, ls, atol=1e-5, rtol=1e-5)
-  for a, b, path in zip(jax.tree.leaves(gf), jax.tree.leaves(gs), partition.leaf_paths(gs)):
+  for a, b, path in zip(jax.tree.leaves(gf), jax.tree.leaves(gs), rules.leaf_paths(gs)):
     scale = max(1.0, float(np.abs(b).max()))
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * scale, path
   if expect_fewer_flops:

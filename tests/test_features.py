@@ -6,7 +6,9 @@ import pytest
 
 import vpt_jax
 from configs import demo
-from vpt_jax import builder, features, train
+from vpt_jax.tuning import build
+from vpt_jax.tuning import cache
+from vpt_jax.tuning import loop
 from vpt_jax.data import pipeline, sources
 
 DEPTH = 4  # demo-vit
@@ -21,8 +23,8 @@ def config(protocol, **prompt):
 
 
 def entry(protocol, **prompt):
-  built = builder.build(config(protocol, **prompt))
-  return features.entry_layer(built.model, built.mask)[0]
+  built = build.build(config(protocol, **prompt))
+  return cache.entry_layer(built.model, built.mask)[0]
 
 
 @pytest.mark.parametrize("protocol,prompt,layer", [
@@ -44,25 +46,25 @@ def test_entry_layer_follows_the_trainable_mask_and_the_hooks(protocol, prompt, 
 
 
 def test_plan_names_every_obstacle():
-  built = builder.build(config("linear"))
-  ok = features.plan(built.model, built.mask, mode="auto", deterministic=True, num_examples=10)
-  assert ok.layer == DEPTH and "layer 4" in features.describe(ok, DEPTH)
-  aug = features.plan(built.model, built.mask, mode="auto", deterministic=False)
+  built = build.build(config("linear"))
+  ok = cache.plan(built.model, built.mask, mode="auto", deterministic=True, num_examples=10)
+  assert ok.layer == DEPTH and "layer 4" in cache.describe(ok, DEPTH)
+  aug = cache.plan(built.model, built.mask, mode="auto", deterministic=False)
   assert aug.layer == 0 and "random augmentation" in aug.reason
-  assert features.plan(built.model, built.mask, mode=False, deterministic=True).layer == 0
+  assert cache.plan(built.model, built.mask, mode=False, deterministic=True).layer == 0
   with pytest.raises(ValueError, match="cache_features=True, but .*random augmentation"):
-    features.plan(built.model, built.mask, mode=True, deterministic=False)
+    cache.plan(built.model, built.mask, mode=True, deterministic=False)
   with pytest.raises(ValueError, match="dropout 0.1"):
-    features.plan(built.model.clone(dropout=0.1), built.mask, mode="true", deterministic=True)
+    cache.plan(built.model.clone(dropout=0.1), built.mask, mode="true", deterministic=True)
   with pytest.raises(ValueError, match="GiB"):
-    features.plan(built.model, built.mask, mode="true", deterministic=True,
+    cache.plan(built.model, built.mask, mode="true", deterministic=True,
                   num_examples=10 ** 7)
-  side = builder.build(config("side"))
+  side = build.build(config("side"))
   with pytest.raises(ValueError, match="side network reads the images"):
-    features.plan(side.model, side.mask, mode="true", deterministic=True)
-  adapter = builder.build(config("adapter"))
+    cache.plan(side.model, side.mask, mode="true", deterministic=True)
+  adapter = build.build(config("adapter"))
   with pytest.raises(ValueError, match="layer 0 is not frozen \\(adapters\\)"):
-    features.plan(adapter.model, adapter.mask, mode="true", deterministic=True)
+    cache.plan(adapter.model, adapter.mask, mode="true", deterministic=True)
 
 
 def test_token_pipeline_keeps_the_pipelines_order():
@@ -71,7 +73,7 @@ def test_token_pipeline_keeps_the_pipelines_order():
   pipe = pipeline.Pipeline(split, pipeline.make_preprocess(cfg, 32, train=True), batch_size=64,
                            seed=3)
   tokens = np.arange(len(split), dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
-  cached = features.TokenPipeline(pipe, tokens)
+  cached = cache.TokenPipeline(pipe, tokens)
   a, b = pipe.train_batches(2), cached.train_batches(2)  # from step 2, across an epoch boundary
   for _ in range(5):
     x, y = next(a), next(b)
@@ -98,7 +100,7 @@ def test_cached_and_uncached_training_agree(tmp_path, capsys, protocol, prompt):
     c.optim.epochs, c.optim.warmup_epochs, c.optim.lr = 2, 1, 0.25
     c.data.val_split, c.data.test_split, c.eval_every_epochs = "", "val200", 0
     workdir = str(tmp_path / mode)
-    results = train.train_and_evaluate(c, workdir)
+    results = loop.train_and_evaluate(c, workdir)
     _, variables = vpt_jax.load_tuned(workdir, which="last")
     out[mode] = (results, variables, capsys.readouterr().out)
   (r0, v0, log0), (r1, v1, log1) = out["false"], out["true"]
@@ -111,4 +113,4 @@ def test_cached_and_uncached_training_agree(tmp_path, capsys, protocol, prompt):
   for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v0)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(v1), jax.tree.leaves(builder.build(config(protocol, **prompt)).variables)))
+      jax.tree.leaves(v1), jax.tree.leaves(build.build(config(protocol, **prompt)).variables)))

@@ -13,7 +13,10 @@ import pytest
 
 from configs import demo
 from conftest import ROOT
-from vpt_jax import checkpointing, partition, sweep, train
+from vpt_jax.tuning import workdir as workdir_lib
+from vpt_jax.tuning import rules
+from vpt_jax.tuning import sweeps
+from vpt_jax.tuning import loop
 from vpt_jax.data import pipeline, sources
 
 # Small, fast settings on the shipped random tiny ViT (the real demo uses `demo-vit`).
@@ -36,15 +39,15 @@ def cli(workdir, arg, *, env=None, popen=False):
 
 
 def final_trainable(workdir):
-  model, variables = checkpointing.load_tuned(str(workdir), which="last")
-  config = checkpointing.read_config(str(workdir))
-  mask = partition.label(variables, partition.protocol_patterns(config.protocol))
-  return partition.split(variables, mask)[0]
+  model, variables = workdir_lib.load_tuned(str(workdir), which="last")
+  config = workdir_lib.read_config(str(workdir))
+  mask = rules.label(variables, rules.protocol_patterns(config.protocol))
+  return rules.split(variables, mask)[0]
 
 
 def test_demo_config_end_to_end(tmp_path, capsys):
   wd = str(tmp_path / "run")
-  results = train.train_and_evaluate(cfg(), wd)
+  results = loop.train_and_evaluate(cfg(), wd)
   out = capsys.readouterr().out
   assert "img/s" in out and "ETA" in out and "validation top-1" in out
   for key in ("val_top1", "test_top1", "trainable_params", "trainable_percent_of_backbone",
@@ -59,8 +62,8 @@ def test_demo_config_end_to_end(tmp_path, capsys):
   assert os.listdir(os.path.join(wd, "checkpoints", "best"))
 
   # The saved prompts + the public backbone predict exactly like the trained model.
-  model, variables = checkpointing.load_tuned(wd, which="last")
-  config = checkpointing.read_config(wd)
+  model, variables = workdir_lib.load_tuned(wd, which="last")
+  config = workdir_lib.read_config(wd)
   test = sources.load_splits(config.data, ["test"])["test"]
   pipe = pipeline.Pipeline(test, pipeline.make_preprocess(config.data, 32, False),
                            batch_size=64, seed=0)
@@ -105,7 +108,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, reference):
   assert out.returncode == 0, out.stdout + out.stderr
   assert f"resuming from {wd}/checkpoints/last at step" in out.stdout
   ours, ref = final_trainable(wd), final_trainable(reference)
-  for path, a, b in zip(partition.leaf_paths(ours), jax.tree.leaves(ours), jax.tree.leaves(ref)):
+  for path, a, b in zip(rules.leaf_paths(ours), jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(a, b, err_msg=path)
 
 
@@ -125,7 +128,7 @@ def test_eight_devices_match_one_device(tmp_path):
       assert json.load(f)["devices"] == n
     runs[n] = final_trainable(wd)
   ref = runs[1]
-  for path, a, b in zip(partition.leaf_paths(runs[8]), jax.tree.leaves(runs[8]),
+  for path, a, b in zip(rules.leaf_paths(runs[8]), jax.tree.leaves(runs[8]),
                         jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6, err_msg=path)
   assert any(np.abs(np.asarray(x)).max() > 1e-3 for x in jax.tree.leaves(ref))
@@ -133,29 +136,29 @@ def test_eight_devices_match_one_device(tmp_path):
 
 def test_restoring_onto_another_backbone_is_refused(tmp_path):
   wd = str(tmp_path / "run")
-  train.train_and_evaluate(cfg(extra="optim.epochs=1"), wd)
+  loop.train_and_evaluate(cfg(extra="optim.epochs=1"), wd)
   # Same architecture, one weight changed: a different backbone.
-  from vpt_jax import zoo
+  from vpt_jax.weights import zoo
   with np.load(zoo.url_for("tiny-random")) as f:
     raw = {k: f[k] for k in f.files}
   raw["cls"] = raw["cls"] + 1.0
   other = str(tmp_path / "other.npz")
   np.savez(other, **raw)
-  with pytest.raises(checkpointing.FingerprintMismatch, match=r"backbone_sha256"):
-    train.train_and_evaluate(cfg(extra=f"optim.epochs=1,model.checkpoint={other}"), wd)
-  with pytest.raises(checkpointing.FingerprintMismatch, match=r"prompt_hooks.length: saved 8, now 4"):
-    train.train_and_evaluate(cfg(extra="optim.epochs=1,prompt.length=4"), wd)
+  with pytest.raises(workdir_lib.FingerprintMismatch, match=r"backbone_sha256"):
+    loop.train_and_evaluate(cfg(extra=f"optim.epochs=1,model.checkpoint={other}"), wd)
+  with pytest.raises(workdir_lib.FingerprintMismatch, match=r"prompt_hooks.length: saved 8, now 4"):
+    loop.train_and_evaluate(cfg(extra="optim.epochs=1,prompt.length=4"), wd)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   wd = str(tmp_path / "run")
   bad = cfg(extra="optim.lr=1e30,optim.momentum=0.0,checkpoint_every_steps=1,optim.epochs=3")
   with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+") as e:
-    train.train_and_evaluate(bad, wd)
+    loop.train_and_evaluate(bad, wd)
   steps = _finished_steps(wd)
   assert steps and f"last good checkpoint (step {steps[-1]})" in str(e.value)
   assert not os.path.exists(os.path.join(wd, "results.json"))
-  model, variables = checkpointing.load_tuned(wd, which="last")
+  model, variables = workdir_lib.load_tuned(wd, which="last")
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
@@ -171,7 +174,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_bad_options_fail_before_any_compute(tmp_path, extra, error, match):
   wd = tmp_path / "run"
   with pytest.raises(error, match=match):
-    train.train_and_evaluate(cfg(extra=extra), str(wd))
+    loop.train_and_evaluate(cfg(extra=extra), str(wd))
   assert not wd.exists() or not any(wd.iterdir())
 
 
@@ -189,7 +192,7 @@ def test_unknown_options_on_the_command_line(tmp_path):
 
 
 def test_sweep_runs_every_arm_and_prints_a_table(tmp_path, capsys):
-  rows = sweep.run(os.path.join(ROOT, "configs", "demo.py"), str(tmp_path),
+  rows = sweeps.run(os.path.join(ROOT, "configs", "demo.py"), str(tmp_path),
                    arms=[f"linear,{FAST},optim.epochs=1", f"vpt-shallow,{FAST},optim.epochs=1"])
   table = capsys.readouterr().out.split("=== vpt-shallow")[-1]
   assert [r["config"]["protocol"] for r in rows] == ["linear", "vpt"]
@@ -205,7 +208,7 @@ def test_vtab_config_through_tfds(tmp_path):
   c = vtab.get_config("cifar100,model.checkpoint=tiny-random,model.image_size=0,batch_size=10,"
                       "optim.epochs=1,optim.warmup_epochs=0,log_every_steps=1")
   with tfds.testing.mock_data(num_examples=30):
-    results = train.train_and_evaluate(c, str(tmp_path))
+    results = loop.train_and_evaluate(c, str(tmp_path))
   assert results["steps"] == 3 and results["config"]["model"]["num_classes"] == 100
   assert 0.0 <= results["test_top1"] <= 1.0 and "val_top1" in results
 
@@ -222,6 +225,6 @@ def test_training_on_a_users_image_folder(tmp_path):
       Image.fromarray(img).save(d / f"{i}.png")
   c = cfg(extra=f"data.source=folder,data.root={tmp_path / 'data'},data.train_split=train,"
                 "data.val_split=val,data.test_split=val,batch_size=8,optim.epochs=5")
-  results = train.train_and_evaluate(c, str(tmp_path / "run"))
+  results = loop.train_and_evaluate(c, str(tmp_path / "run"))
   assert results["config"]["model"]["num_classes"] == 2
   assert results["val_top1"] == 1.0  # red vs blue: trivially separable

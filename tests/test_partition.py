@@ -7,8 +7,8 @@ import pytest
 
 import vpt_jax
 from conftest import data_path
-from vpt_jax import partition
-from vpt_jax.models import prompts
+from vpt_jax.tuning import rules
+from vpt_jax import prompts
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,8 @@ def variables():
 
 
 def trainable_paths(variables, protocol):
-  mask = partition.label(variables, partition.protocol_patterns(protocol, depth=2))
-  return sorted(p for p, m in zip(partition.leaf_paths(variables), jax.tree.leaves(mask)) if m)
+  mask = rules.label(variables, rules.protocol_patterns(protocol, depth=2))
+  return sorted(p for p, m in zip(rules.leaf_paths(variables), jax.tree.leaves(mask)) if m)
 
 
 def test_vpt_trains_prompts_and_head(variables):
@@ -35,12 +35,12 @@ def test_linear_trains_the_head_only(variables):
 
 
 def test_full_trains_everything(variables):
-  assert trainable_paths(variables, "full") == sorted(partition.leaf_paths(variables))
+  assert trainable_paths(variables, "full") == sorted(rules.leaf_paths(variables))
 
 
 def test_bias_trains_every_bias_and_the_head(variables):
   paths = trainable_paths(variables, "bias")
-  expected = sorted(p for p in partition.leaf_paths(variables)
+  expected = sorted(p for p in rules.leaf_paths(variables)
                     if p.startswith("params/") and (p.endswith("/bias") or "/head/" in p))
   assert paths == expected
   assert "params/Transformer/encoderblock_0/LayerNorm_0/bias" in paths
@@ -54,28 +54,28 @@ def test_partial_k_trains_the_last_blocks(variables):
   assert any("encoderblock_1/MlpBlock_0" in p for p in paths)
   assert "params/Transformer/encoder_norm/scale" in paths
   with pytest.raises(ValueError, match="partial-3.*depth \\(2\\)"):
-    partition.protocol_patterns("partial-3", depth=2)
+    rules.protocol_patterns("partial-3", depth=2)
 
 
 def test_bad_rules_are_errors(variables):
   with pytest.raises(ValueError, match=r"unknown protocol 'lora'"):
-    partition.protocol_patterns("lora")
+    rules.protocol_patterns("lora")
   with pytest.raises(ValueError, match=r"\['params/heads/.\*'\] match no variable"):
-    partition.label(variables, [r"params/heads/.*"])
+    rules.label(variables, [r"params/heads/.*"])
   with pytest.raises(ValueError, match=r"not a valid regex"):
-    partition.label(variables, [r"params/(head"])
+    rules.label(variables, [r"params/(head"])
 
 
 def test_split_and_merge_are_inverse_and_disjoint(variables):
-  mask = partition.label(variables, partition.protocol_patterns("vpt"))
-  trainable, frozen = partition.split(variables, mask)
-  assert set(partition.leaf_paths(trainable)).isdisjoint(partition.leaf_paths(frozen))
-  merged = partition.merge(trainable, frozen)
+  mask = rules.label(variables, rules.protocol_patterns("vpt"))
+  trainable, frozen = rules.split(variables, mask)
+  assert set(rules.leaf_paths(trainable)).isdisjoint(rules.leaf_paths(frozen))
+  merged = rules.merge(trainable, frozen)
   assert jax.tree.structure(merged) == jax.tree.structure(variables)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(variables)):
     assert a is b
   with pytest.raises(ValueError, match="both trainable and frozen"):
-    partition.merge(trainable, variables)
+    rules.merge(trainable, variables)
 
 
 def test_param_report_follows_the_papers_convention(variables):
@@ -86,8 +86,8 @@ def test_param_report_follows_the_papers_convention(variables):
   n_prompts = 2 * 2 * 64
   for protocol, t, shared in [("linear", head, backbone), ("vpt", head + n_prompts, backbone),
                               ("full", backbone + head + n_prompts, 0)]:
-    mask = partition.label(variables, partition.protocol_patterns(protocol, depth=2))
-    r = partition.param_report(variables, mask, n_tasks=24)
+    mask = rules.label(variables, rules.protocol_patterns(protocol, depth=2))
+    r = rules.param_report(variables, mask, n_tasks=24)
     assert r["backbone"] == backbone and r["trainable"] == t, protocol
     assert r["total_multiple"] == pytest.approx((shared + 24 * t) / backbone), protocol
     assert r["per_task_multiple"] == pytest.approx((shared + t) / backbone), protocol
@@ -95,4 +95,4 @@ def test_param_report_follows_the_papers_convention(variables):
 
 def test_count_works_on_abstract_trees():
   tree = {"a": jax.ShapeDtypeStruct((3, 4), jnp.float32), "b": {"c": np.zeros(5)}}
-  assert partition.count(tree) == 17
+  assert rules.count(tree) == 17

@@ -13,8 +13,9 @@ from PIL import Image
 import vpt_jax
 from configs import demo
 from conftest import ROOT
-from vpt_jax import plots, train
-from vpt_jax.models import prompts
+from vpt_jax.analysis import plots
+from vpt_jax.tuning import loop
+from vpt_jax import prompts
 
 FAST = "model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_every_epochs=1," \
        "batch_size=200,log_every_steps=1,prompt.length=4"
@@ -24,7 +25,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("run") / "vpt-deep")
-  train.train_and_evaluate(demo.get_config(f"vpt-deep,{FAST}"), wd)
+  loop.train_and_evaluate(demo.get_config(f"vpt-deep,{FAST}"), wd)
   return wd
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import vpt_jax
 from conftest import ROOT
-from vpt_jax import predict
+from vpt_jax.tasks import classification
 
 
 def test_predictions_equal_the_models_softmax(tmp_path):
@@ -22,7 +22,7 @@ def test_predictions_equal_the_models_softmax(tmp_path):
     paths.append(str(tmp_path / f"img{i}.png"))
     Image.fromarray(p).save(paths[-1])
   model, variables = vpt_jax.load_pretrained("tiny-random")
-  got = predict.predict(model, variables, paths, top_k=4)
+  got = classification.predict(model, variables, paths, top_k=4)
   probs = np.asarray(jax.nn.softmax(model.apply(variables, pixels / 127.5 - 1.0)))
   assert [name for name, _ in got] == paths
   for (_, top), p in zip(got, probs):
@@ -34,10 +34,10 @@ def test_predictions_equal_the_models_softmax(tmp_path):
 def test_bad_image_files_are_named(tmp_path):
   model, variables = vpt_jax.load_pretrained("tiny-random")
   with pytest.raises(FileNotFoundError, match="missing.jpg"):
-    predict.predict(model, variables, [str(tmp_path / "missing.jpg")])
+    classification.predict(model, variables, [str(tmp_path / "missing.jpg")])
   (tmp_path / "text.jpg").write_text("not an image")
   with pytest.raises(ValueError, match="text.jpg"):
-    predict.predict(model, variables, [str(tmp_path / "text.jpg")])
+    classification.predict(model, variables, [str(tmp_path / "text.jpg")])
 
 
 def test_command_runs_offline_on_test_patterns():
@@ -51,9 +51,9 @@ def test_command_runs_offline_on_test_patterns():
 
 
 def test_config_of_an_older_version_gets_the_new_options_at_their_defaults():
-  from vpt_jax import checkpointing
+  from vpt_jax.tuning import workdir as workdir_lib
   old = {"model": {"checkpoint": "demo-vit"}, "prompt": {"length": 4}, "seed": 0}
-  new = checkpointing.with_new_defaults(old)
+  new = workdir_lib.with_new_defaults(old)
   assert new["model"] == {"checkpoint": "demo-vit", "fast_path": True}
   assert new["prompt"]["length"] == 4 and new["prompt"]["masks"] is False
   assert new["prompt"]["init_seed"] == -1 and new["cache_features"] == "auto"

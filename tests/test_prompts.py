@@ -11,9 +11,9 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io
-from vpt_jax import partition
-from vpt_jax.checkpoints import Architecture
-from vpt_jax.models import prompts
+from vpt_jax.tuning import rules
+from vpt_jax.weights.npz import Architecture
+from vpt_jax import prompts
 from vpt_jax.models.vit import VisionTransformer
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
@@ -77,7 +77,7 @@ def tokens_of(pr):
                                 dict(pool="image"), dict(pool="cls")])
 def test_zero_length_is_the_plain_vit(kw):
   model, pr = build(**(kw | {"length": 0}))
-  assert partition.count(pr) == 0
+  assert rules.count(pr) == 0
   plain = np.asarray(BASE.apply(BASE_VARS, IMAGES))
   got = apply(model, BASE_VARS["params"], pr)
   if kw.get("pool") == "image":  # a different readout by design: the mean of the patch outputs
@@ -208,7 +208,7 @@ def test_pad_is_a_learnable_border():
   assert padded.shape == IMAGES.shape
   expected = numpy_vit.forward(flat(BASE_VARS["params"]), padded, **REF)
   close(apply(model, BASE_VARS["params"], pr), expected)
-  assert partition.count(pr) == 2 * (2 * 32 * 3) + 2 * (28 * 2 * 3)
+  assert rules.count(pr) == 2 * (2 * 32 * 3) + 2 * (28 * 2 * 3)
 
 
 def test_concat_channel_adds_trainable_input_channels():
@@ -381,11 +381,11 @@ def test_vit_b16_prompt_counts_of_the_paper():
   for deep, n in [(False, 50 * 768), (True, 12 * 50 * 768)]:
     model = prompts.attach(base, config(length=50, deep=deep))
     variables = _abstract_variables(model)
-    assert partition.count(variables["prompts"]) == n
+    assert rules.count(variables["prompts"]) == n
     # Backbone without head: the well-known 85,798,656 of ViT-B/16 (86,567,656 with 1000 classes).
-    assert partition.count({k: v for k, v in variables["params"].items() if k != "head"}) == 85798656
-    mask = partition.label(variables, partition.protocol_patterns("vpt"))
-    report = partition.param_report(variables, mask, n_tasks=24)
+    assert rules.count({k: v for k, v in variables["params"].items() if k != "head"}) == 85798656
+    mask = rules.label(variables, rules.protocol_patterns("vpt"))
+    report = rules.param_report(variables, mask, n_tasks=24)
     t = n + 768 * 100 + 100
     assert report["trainable"] == t
     assert report["total_multiple"] == pytest.approx((85798656 + 24 * t) / 85798656)

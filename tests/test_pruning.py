@@ -12,9 +12,10 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io
-from vpt_jax import partition, pruning
-from vpt_jax.models import prompts
-from vpt_jax.train import cross_entropy
+from vpt_jax.tuning import rules
+from vpt_jax.tuning import pruning
+from vpt_jax import prompts
+from vpt_jax.tasks.classification import cross_entropy
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 BASE, BASE_VARS = vpt_jax.load_pretrained(data_path("vitjax_token.npz"), num_classes=5)
@@ -120,7 +121,7 @@ def test_importance_equals_direct_mask_gradients():
   model, pr = model_for(kv_length=2)
   ones = {"tokens": np.ones(6, np.float32), "segments": np.ones((6, 16), np.float32)}
   v = variables(pr, ones)
-  trainable, frozen = partition.split(v, partition.label(v, [r"prompts/.*", r"params/head/.*"]))
+  trainable, frozen = rules.split(v, rules.label(v, [r"prompts/.*", r"params/head/.*"]))
   step = jax.jit(pruning.make_importance_step(model))
   batches = [{"image": IMAGES[:2], "label": LABELS[:2]}, {"image": IMAGES[2:], "label": LABELS[2:]}]
   got = pruning.importance(step, trainable, frozen, batches, jax.random.PRNGKey(0))
@@ -193,9 +194,9 @@ def test_mask_file_errors_name_the_option(tmp_path):
   cfg.update(segments=16, location="add")
   with pytest.raises(ValueError, match="need prompt.masks=True, prompt.location='prepend'"):
     prompts.attach(BASE, cfg)
-  with pytest.raises(ValueError, match="prune.token_fraction=1.0"):
+  with pytest.raises(ValueError, match="prune_pipeline.token_fraction=1.0"):
     pruning.check_config(_with(token_fraction=1.0))
-  with pytest.raises(ValueError, match="prune.rewind_init='again'"):
+  with pytest.raises(ValueError, match="prune_pipeline.rewind_init='again'"):
     pruning.check_config(_with(rewind_init="again"))
 
 
@@ -207,13 +208,13 @@ def _with(**kw):
 
 def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   from configs import demo
-  from vpt_jax import prune
+  from vpt_jax.tuning import prune_pipeline
   from vpt_jax.data import pipeline, sources
-  from vpt_jax.train import evaluate, make_eval_step, mesh_shardings
+  from vpt_jax.tuning.steps import evaluate, make_eval_step, mesh_shardings
   c = demo.get_config("vpt-deep,prompt.kv_length=2,optim.epochs=2,optim.warmup_epochs=1,"
-                      "eval_every_epochs=1,prune.token_fraction=0.5,prune.segment_fraction=0.25")
+                      "eval_every_epochs=1,prune_pipeline.token_fraction=0.5,prune_pipeline.segment_fraction=0.25")
   workdir = str(tmp_path / "prune")
-  summary = prune.run(c, workdir)
+  summary = prune_pipeline.run(c, workdir)
   for name in ("dense/results.json", "scores.npz", "masks.npz", "rewind/results.json",
                "pruned.npz", "prune_results.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
@@ -223,8 +224,8 @@ def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   assert scores["tokens"].shape == (8,) and scores["segments"].shape == (8, 16)
   with open(os.path.join(workdir, "rewind", "results.json")) as f:
     rewound = json.load(f)
-  from vpt_jax import checkpointing
-  model, _ = checkpointing.load_tuned(os.path.join(workdir, "rewind"), which="last")
+  from vpt_jax.tuning import workdir as workdir_lib
+  model, _ = workdir_lib.load_tuned(os.path.join(workdir, "rewind"), which="last")
   depth, width = model.depth, model.width
   # Real parameter count by hand: a set per layer x 4 kept tokens x 12 segments x d/16 dims,
   # plus the key-value prompts and the head (10 digit classes).
@@ -236,7 +237,7 @@ def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   # The rewound run's own report counts the pruned prompts, not the full tensor.
   assert rewound["trainable_params"] == summary["pruned_trainable_params"]
   # The compact model (4 tokens in the sequence) scores exactly what the masked run scored.
-  small, small_v = prune.load_pruned(os.path.join(workdir, "rewind"))
+  small, small_v = prune_pipeline.load_pruned(os.path.join(workdir, "rewind"))
   assert small.hooks.length == 4
   d = c.data
   split = sources.load_splits(d, [d.test_split])[d.test_split]
@@ -246,7 +247,7 @@ def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   r = evaluate(jax.jit(make_eval_step(small)), small_v, {}, pipe, bs)
   assert abs(r["top1"] - rewound["test_top1"]) < 1e-9
   # Rerunning skips every stage.
-  again = prune.run(c, workdir)
+  again = prune_pipeline.run(c, workdir)
   assert again["rewind_test_top1"] == summary["rewind_test_top1"]
 
 
@@ -254,5 +255,5 @@ def test_unknown_prune_option_is_named():
   c = pruning.default_config()
   c.unlock()
   c.token_frac = 0.5
-  with pytest.raises(ValueError, match="unknown config option.*prune.token_frac"):
+  with pytest.raises(ValueError, match="unknown config option.*prune_pipeline.token_frac"):
     pruning.check_config(c)

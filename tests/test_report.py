@@ -8,7 +8,10 @@ import os
 import pytest
 
 from conftest import ROOT
-from vpt_jax import report, sweep, train
+from vpt_jax.analysis import report
+from vpt_jax import report as report_cmd
+from vpt_jax.tuning import sweeps
+from vpt_jax.tuning import loop
 from configs import demo
 
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -19,7 +22,7 @@ FAST = ("model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_
 @pytest.fixture(scope="module")
 def protocol(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("protocol"))
-  summary = sweep.run_protocol(DEMO, f"vpt-deep,{FAST}", wd, lr_grid=["1.0", "4.0"],
+  summary = sweeps.run_protocol(DEMO, f"vpt-deep,{FAST}", wd, lr_grid=["1.0", "4.0"],
                                wd_grid=["0.0", "0.001"], seeds=["0", "1"])
   return wd, summary
 
@@ -55,7 +58,7 @@ def test_protocol_is_resumable_and_never_reruns_a_finished_point(protocol, capsy
   wd, s = protocol
   monkeypatch.setattr(train, "train_and_evaluate",
                       lambda *a, **k: pytest.fail("a finished run was started again"))
-  again = sweep.run_protocol(DEMO, f"vpt-deep,{FAST}", wd, lr_grid=["1.0", "4.0"],
+  again = sweeps.run_protocol(DEMO, f"vpt-deep,{FAST}", wd, lr_grid=["1.0", "4.0"],
                              wd_grid=["0.0", "0.001"], seeds=["0", "1"])
   assert capsys.readouterr().out.count("finished earlier, not rerun") == 6
   assert again["test_top1_mean"] == s["test_top1_mean"]
@@ -67,7 +70,7 @@ def test_report_in_the_papers_layout(protocol, tmp_path):
   for task in ("digits", "digits-b"):
     d = str(tmp_path / task)
     c = demo.get_config(f"linear,{FAST},task={task}")
-    singles.append(train.train_and_evaluate(c, d))
+    singles.append(loop.train_and_evaluate(c, d))
   out = report.tables([report.load_record(wd), report.load_record(str(tmp_path / "digits")),
                        report.load_record(str(tmp_path / "digits-b"))])
   md = out["markdown"].splitlines()
@@ -89,7 +92,7 @@ def test_report_in_the_papers_layout(protocol, tmp_path):
 def test_report_command_writes_markdown_and_csv(protocol, tmp_path, capsys):
   wd, s = protocol
   out_csv = str(tmp_path / "table.csv")
-  report.main(["report", wd, f"--csv={out_csv}"])
+  report_cmd.main(["report", wd, f"--csv={out_csv}"])
   printed = capsys.readouterr().out
   assert "| VPT-deep |" in printed and "VTAB Natural" in printed
   with open(out_csv) as f:

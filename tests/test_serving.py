@@ -10,8 +10,9 @@ import pytest
 
 import vpt_jax
 from configs import demo
-from vpt_jax import serving, train
-from vpt_jax.models import prompts
+from vpt_jax import serving
+from vpt_jax.tuning import loop
+from vpt_jax import prompts
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 FAST = "model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_every_epochs=1," \
@@ -111,7 +112,7 @@ def test_incompatible_tasks_are_refused(tiny):
 # -- tuned workdirs --------------------------------------------------------------------------------
 
 def tune(workdir, arm, extra=""):
-  train.train_and_evaluate(demo.get_config(",".join(x for x in (arm, FAST, extra) if x)), workdir)
+  loop.train_and_evaluate(demo.get_config(",".join(x for x in (arm, FAST, extra) if x)), workdir)
   return workdir
 
 

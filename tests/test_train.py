@@ -10,8 +10,10 @@ import pytest
 
 import vpt_jax
 from conftest import data_path, load_io
-from vpt_jax import partition, train
-from vpt_jax.models import prompts
+from vpt_jax.tuning import rules
+from vpt_jax.tuning import optim
+from vpt_jax.tuning import steps
+from vpt_jax import prompts
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 BATCH = {"image": IMAGES, "label": np.array([0, 3, 7, 9], np.int32)}
@@ -19,7 +21,7 @@ STEPS_PER_EPOCH = 4
 
 
 def optim(**kw):
-  cfg = train.default_optim_config()
+  cfg = optim.default_optim_config()
   cfg.update(dict(warmup_epochs=0, epochs=2, lr=0.5, wd=1e-2) | kw)
   return cfg
 
@@ -32,10 +34,10 @@ def setup():
   cfg.length = 3
   model = prompts.attach(base, cfg)
   variables = {**v, "prompts": prompts.init_prompts(model, jax.random.PRNGKey(0))}
-  mask = partition.label(variables, partition.protocol_patterns("vpt"))
-  trainable, frozen = partition.split(variables, mask)
-  tx, schedule = train.make_optimizer(optim(), STEPS_PER_EPOCH)
-  step = jax.jit(train.make_train_step(model, tx, schedule))
+  mask = rules.label(variables, rules.protocol_patterns("vpt"))
+  trainable, frozen = rules.split(variables, mask)
+  tx, schedule = optim.make_optimizer(optim(), STEPS_PER_EPOCH)
+  step = jax.jit(steps.make_train_step(model, tx, schedule))
   return dict(model=model, variables=variables, trainable=trainable, frozen=frozen, tx=tx,
               schedule=schedule, step=step)
 
@@ -49,22 +51,22 @@ def independent_loss(model):
 
 
 def test_frozen_backbone_is_bit_identical_after_training(setup):
-  state = train.create_train_state(setup["trainable"], setup["tx"], jax.random.PRNGKey(1))
+  state = steps.create_train_state(setup["trainable"], setup["tx"], jax.random.PRNGKey(1))
   losses = []
   for _ in range(5):
     state, metrics = setup["step"](state, setup["frozen"], BATCH)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0]
-  after = partition.merge(state.trainable, setup["frozen"])
+  after = rules.merge(state.trainable, setup["frozen"])
   changed = {p: not np.array_equal(a, b) for p, a, b in zip(
-      partition.leaf_paths(after), jax.tree.leaves(after), jax.tree.leaves(setup["variables"]))}
+      rules.leaf_paths(after), jax.tree.leaves(after), jax.tree.leaves(setup["variables"]))}
   assert sorted(p for p, c in changed.items() if c) == [
       "params/head/bias", "params/head/kernel", "prompts/hooks/tokens"]
 
 
 def test_prompt_gradients_match_an_independent_grad_and_finite_differences(setup):
   model = setup["model"]
-  loss_fn = train.make_loss_fn(model)
+  loss_fn = steps.make_loss_fn(model)
   (_, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       setup["trainable"], setup["frozen"], IMAGES, BATCH["label"], jax.random.PRNGKey(0))
   full = jax.jit(jax.grad(independent_loss(model)))(setup["variables"])
@@ -88,20 +90,20 @@ def test_prompt_gradients_match_an_independent_grad_and_finite_differences(setup
 def test_sgd_is_torch_sgd_with_coupled_l2(setup):
   """p1 = p0 - lr (g0 + wd p0); p2 = p1 - lr1 (0.9 buf1 + g1 + wd p1); head bias without decay."""
   cfg = optim()
-  state = train.create_train_state(setup["trainable"], setup["tx"], jax.random.PRNGKey(1))
+  state = steps.create_train_state(setup["trainable"], setup["tx"], jax.random.PRNGKey(1))
   s1, _ = setup["step"](state, setup["frozen"], BATCH)
   s2, _ = setup["step"](s1, setup["frozen"], BATCH)
 
   model = setup["model"]
-  mask = partition.label(setup["variables"], partition.protocol_patterns("vpt"))
+  mask = rules.label(setup["variables"], rules.protocol_patterns("vpt"))
   full_grad = jax.jit(jax.grad(independent_loss(model)))
   # The independent gradient over all variables, restricted to the trainable leaves.
-  grad = lambda trainable: jax.tree.leaves(partition.split(
-      full_grad(partition.merge(trainable, setup["frozen"])), mask)[0])
+  grad = lambda trainable: jax.tree.leaves(rules.split(
+      full_grad(rules.merge(trainable, setup["frozen"])), mask)[0])
   lr0, lr1 = (float(setup["schedule"](i)) for i in (0, 1))
   assert lr0 == pytest.approx(cfg.lr)
   decay = lambda path: 0.0 if path == "params/head/bias" else cfg.wd
-  paths = partition.leaf_paths(setup["trainable"])
+  paths = rules.leaf_paths(setup["trainable"])
   p0 = jax.tree.leaves(setup["trainable"])
   g0 = grad(setup["trainable"])
   buf0 = [g + decay(n) * p for n, g, p in zip(paths, g0, p0)]
@@ -117,42 +119,42 @@ def test_sgd_is_torch_sgd_with_coupled_l2(setup):
 
 def test_adamw_and_gradient_clipping(setup):
   model, frozen, trainable = setup["model"], setup["frozen"], setup["trainable"]
-  tx, _ = train.make_optimizer(optim(name="adamw", lr=1e-3, wd=0.05), STEPS_PER_EPOCH)
-  state = train.create_train_state(trainable, tx, jax.random.PRNGKey(1))
-  new, metrics = jax.jit(train.make_train_step(model, tx))(state, frozen, BATCH)
+  tx, _ = optim.make_optimizer(optim(name="adamw", lr=1e-3, wd=0.05), STEPS_PER_EPOCH)
+  state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(1))
+  new, metrics = jax.jit(steps.make_train_step(model, tx))(state, frozen, BATCH)
   assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.trainable),
                                                        jax.tree.leaves(trainable)))
   # Clipping to c with plain SGD (no decay, no momentum) moves the tree by exactly lr * c.
   c, lr = 1e-3, 0.5
-  tx, _ = train.make_optimizer(optim(wd=0.0, momentum=0.0, grad_clip=c, lr=lr), STEPS_PER_EPOCH)
-  state = train.create_train_state(trainable, tx, jax.random.PRNGKey(1))
-  new, metrics = jax.jit(train.make_train_step(model, tx))(state, frozen, BATCH)
+  tx, _ = optim.make_optimizer(optim(wd=0.0, momentum=0.0, grad_clip=c, lr=lr), STEPS_PER_EPOCH)
+  state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(1))
+  new, metrics = jax.jit(steps.make_train_step(model, tx))(state, frozen, BATCH)
   delta = jax.tree.map(lambda a, b: a - b, new.trainable, trainable)
   assert float(metrics["grad_norm"]) > c  # the logged norm is the raw gradient's
   assert float(optax.tree.norm(delta)) == pytest.approx(lr * c, rel=1e-4)
 
 
 def test_learning_rate_schedule():
-  sched = train.lr_schedule(optim(lr=0.2, warmup_epochs=1, epochs=3), steps_per_epoch=10)
+  sched = optim.lr_schedule(optim(lr=0.2, warmup_epochs=1, epochs=3), steps_per_epoch=10)
   assert float(sched(0)) == 0.0
   assert float(sched(5)) == pytest.approx(0.1)
   assert float(sched(10)) == pytest.approx(0.2)
   assert float(sched(20)) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-5)
   assert float(sched(30)) == pytest.approx(0.0, abs=1e-7)
   with pytest.raises(ValueError, match=r"optim.lr=0"):
-    train.lr_schedule(optim(lr=0), 10)
+    optim.lr_schedule(optim(lr=0), 10)
   with pytest.raises(ValueError, match=r"optim.warmup_epochs=5"):
-    train.lr_schedule(optim(warmup_epochs=5, epochs=5), 10)
+    optim.lr_schedule(optim(warmup_epochs=5, epochs=5), 10)
   with pytest.raises(ValueError, match=r"optim.name='lamb'"):
-    train.make_optimizer(optim(name="lamb"), 10)
+    optim.make_optimizer(optim(name="lamb"), 10)
 
 
 def _step_flops(model, variables, protocol):
-  mask = partition.label(variables, partition.protocol_patterns(protocol, depth=2))
-  trainable, frozen = partition.split(variables, mask)
-  tx, schedule = train.make_optimizer(optim(), STEPS_PER_EPOCH)
-  state = train.create_train_state(trainable, tx, jax.random.PRNGKey(0))
-  step = jax.jit(train.make_train_step(model, tx, schedule)).lower(state, frozen, BATCH).compile()
+  mask = rules.label(variables, rules.protocol_patterns(protocol, depth=2))
+  trainable, frozen = rules.split(variables, mask)
+  tx, schedule = optim.make_optimizer(optim(), STEPS_PER_EPOCH)
+  state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(0))
+  step = jax.jit(steps.make_train_step(model, tx, schedule)).lower(state, frozen, BATCH).compile()
   fwd = jax.jit(model.apply).lower(variables, IMAGES).compile()
   return step.cost_analysis()["flops"] / fwd.cost_analysis()["flops"]
 
@@ -173,7 +175,7 @@ def test_no_gradient_work_for_frozen_weights(setup):
 
 
 def test_eval_step_counts_only_real_examples(setup):
-  eval_step = jax.jit(train.make_eval_step(setup["model"]))
+  eval_step = jax.jit(steps.make_eval_step(setup["model"]))
   batch = dict(BATCH, mask=np.array([1, 1, 0, 0], np.float32))
   out = eval_step(setup["trainable"], setup["frozen"], batch)
   logits = setup["model"].apply(setup["variables"], IMAGES)

@@ -9,7 +9,8 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io
-from vpt_jax.models.vit import EncoderHooks, VisionTransformer
+from vpt_jax.models.hooks import EncoderHooks, LayerInput
+from vpt_jax.models.vit import VisionTransformer
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 
@@ -87,13 +88,10 @@ class ToyPrompts(EncoderHooks):
     self.keys = self.variable("prompts", "keys", init((self.depth, self.n_kv, self.heads, hd)))
     self.values = self.variable("prompts", "values", init((self.depth, self.n_kv, self.heads, hd)))
 
-  def before_layer(self, layer, x, *, train):
+  def layer(self, layer, x, *, num_prompts, train):
     p = jnp.broadcast_to(self.tokens.value[layer], (x.shape[0], self.n, self.width))
-    keep_from = 1 if layer == 0 else 1 + self.n
-    return jnp.concatenate([x[:, :1], p, x[:, keep_from:]], axis=1)
-
-  def extra_kv(self, layer, *, batch_size, train):
-    return self.keys.value[layer], self.values.value[layer]
+    tokens = jnp.concatenate([x[:, :1], p, x[:, 1 + num_prompts:]], axis=1)
+    return LayerInput(tokens, self.n, extra_kv=(self.keys.value[layer], self.values.value[layer]))
 
 
 def _hooked(hooks):

@@ -42,7 +42,10 @@ import numpy as np
 from IPython.display import Image, display
 
 import vpt_jax
-from vpt_jax import partition, plots, train, zoo
+from vpt_jax.tuning import rules
+from vpt_jax.analysis import plots
+from vpt_jax.tuning import loop
+from vpt_jax.weights import zoo
 print("JAX devices:", jax.devices())
 print("workdir:", WORKDIR)
 '''.strip()
@@ -94,7 +97,7 @@ print(config.task, "| protocol", config.protocol, "| prompt length", config.prom
     ("md", "## 2. Train VPT-deep\n\nOnly the prompts and the head train; the backbone stays frozen "
            "(and is never written to the checkpoints). Re-running this cell resumes or skips a "
            "finished run."),
-    ("code", '''results = train.train_and_evaluate(config, WORKDIR)'''),
+    ("code", '''results = loop.train_and_evaluate(config, WORKDIR)'''),
     ("md", "## 3. Evaluate"),
     ("code", '''print(f"validation top-1 {results.get('val_top1', float('nan')):.3f}   "
       f"test top-1 {results['test_top1']:.3f}")
@@ -105,11 +108,10 @@ print(f"trainable parameters {results['trainable_params']:,} "
            "fingerprint of the backbone. Here they are also written as a plain `.npz`, and the "
            "tuned model is rebuilt from the public backbone and the saved leaves with "
            "`vpt_jax.load_tuned`."),
-    ("code", '''from vpt_jax import checkpointing
-model, variables = vpt_jax.load_tuned(WORKDIR)
-mask = partition.label(variables, partition.protocol_patterns(config.protocol))
-trainable, _ = partition.split(variables, mask)
-flat = dict(zip(partition.leaf_paths(trainable), jax.tree.leaves(trainable)))
+    ("code", '''tuned = vpt_jax.load_tuned(WORKDIR)  # model, variables, config, trainable mask
+model, variables = tuned
+trainable, _ = tuned.split()
+flat = dict(zip(rules.leaf_paths(trainable), jax.tree.leaves(trainable)))
 np.savez(os.path.join(WORKDIR, "prompts_and_head.npz"), **{k: np.asarray(v) for k, v in flat.items()})
 for k, v in flat.items():
   print(f"{k:40s} {tuple(v.shape)}")
@@ -181,7 +183,7 @@ else:
 for name, (arm, overrides) in ARMS.items():
   print(f"=== {name}")
   wd = os.path.join(WORKDIR, name.replace(" ", "-").replace("²", "2"))
-  rows[name] = dict(train.train_and_evaluate(arm_config(arm, overrides), wd), workdir=wd)'''),
+  rows[name] = dict(loop.train_and_evaluate(arm_config(arm, overrides), wd), workdir=wd)'''),
     ("code", '''print(f"{'arm':18s} {'trainable':>12s} {'% backbone':>11s} {'val top-1':>10s} {'test top-1':>11s}")
 for name, r in rows.items():
   print(f"{name:18s} {r['trainable_params']:12,d} {r['trainable_percent_of_backbone']:11.2f} "

@@ -24,7 +24,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vpt_jax import checkpoints, partition, train  # pylint: disable=g-import-not-at-top
+from vpt_jax.weights import npz
+from vpt_jax.tuning import rules
+from vpt_jax.tuning import optim
+from vpt_jax.tuning import steps
 from vpt_jax.data import shapes  # pylint: disable=g-import-not-at-top
 from vpt_jax.models.vit import VisionTransformer  # pylint: disable=g-import-not-at-top
 
@@ -54,15 +57,15 @@ def main() -> None:
 
   model = VisionTransformer(**ARCH)
   variables = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, 32, 32, 3)))
-  mask = partition.label(variables, partition.protocol_patterns("full"))
-  trainable, frozen = partition.split(variables, mask)
-  optim = train.default_optim_config()
+  mask = rules.label(variables, rules.protocol_patterns("full"))
+  trainable, frozen = rules.split(variables, mask)
+  optim = optim.default_optim_config()
   optim.update(dict(name="adamw", lr=1e-3, wd=0.05, warmup_epochs=1, epochs=args.epochs,
                     wd_exclude=(r".*/bias", r".*/scale", r"params/pos_embedding", r"params/cls")))
   steps = args.per_epoch // args.batch
-  tx, schedule = train.make_optimizer(optim, steps)
-  state = train.create_train_state(trainable, tx, jax.random.PRNGKey(args.seed + 1))
-  step = jax.jit(train.make_train_step(model, tx, schedule), donate_argnums=(0,))
+  tx, schedule = optim.make_optimizer(optim, steps)
+  state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(args.seed + 1))
+  step = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=(0,))
   apply = jax.jit(model.apply)
   held_x, held_y = shapes.make_shapes(args.held_out, seed=10_000 + args.seed)
 
@@ -76,13 +79,13 @@ def main() -> None:
       batch = {"image": x[idx].astype(np.float32) / 127.5 - 1.0, "label": y[idx]}
       state, metrics = step(state, frozen, batch)
       losses.append(metrics["loss"])
-    params = partition.merge(state.trainable, frozen)
+    params = rules.merge(state.trainable, frozen)
     held = accuracy(apply, params, held_x, held_y)
     print(f"epoch {epoch + 1}/{args.epochs}: loss {float(np.mean(jax.device_get(losses))):.4f}, "
           f"held-out accuracy {held:.4f}, {time.time() - t0:.0f}s", flush=True)
 
-  params = partition.merge(state.trainable, frozen)["params"]
-  checkpoints.save_npz(jax.device_get(params), args.out, layout="vit_jax")
+  params = rules.merge(state.trainable, frozen)["params"]
+  npz.save_npz(jax.device_get(params), args.out, layout="vit_jax")
   print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB); held-out accuracy "
         f"{accuracy(apply, {'params': params}, held_x, held_y):.4f}; {time.time() - t0:.0f}s")
 

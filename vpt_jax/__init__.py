@@ -5,17 +5,19 @@ The door most users open first:
     model, variables = vpt_jax.load_pretrained("vit-b16-i21k", num_classes=100,
                                                drop_pre_logits=True)
     logits = model.apply(variables, images)   # NHWC float32 in [-1, 1]
+
+`load_tuned(workdir)` gives a tuned run (unpacks as `model, variables`); `attach` plugs VPT
+prompts into a model.
 """
 
-from vpt_jax.checkpoints import CheckpointError, inspect, load_pretrained
-from vpt_jax.models.vit import EncoderHooks, VisionTransformer
-
-
-def load_tuned(workdir: str, *, which: str = "best"):
-  """(model, variables) of a tuned run: its public backbone plus its saved trainable leaves."""
-  from vpt_jax import checkpointing  # pylint: disable=g-import-not-at-top; pulls in orbax
-  return checkpointing.load_tuned(workdir, which=which)
+from vpt_jax.models.hooks import EncoderHooks, Hooks, LayerInput
+from vpt_jax.models.vit import VisionTransformer
+from vpt_jax.prompts.vpt import attach
+from vpt_jax.tuning.workdir import Tuned, load_tuned
+from vpt_jax.weights import zoo
+from vpt_jax.weights.download import CheckpointError
+from vpt_jax.weights.npz import inspect, load_pretrained
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "EncoderHooks", "VisionTransformer", "inspect", "load_pretrained",
-           "load_tuned"]
+__all__ = ["CheckpointError", "EncoderHooks", "Hooks", "LayerInput", "Tuned", "VisionTransformer",
+           "attach", "inspect", "load_pretrained", "load_tuned", "zoo"]

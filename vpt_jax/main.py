@@ -9,8 +9,12 @@ from the repository root (configs are imported as the `configs` package).
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
+import jax
 from ml_collections import config_flags
+
+from vpt_jax import utils
+from vpt_jax.tuning import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/vtab.py:cifar100.",
@@ -23,17 +27,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")  # tf.data only; leave accelerators to JAX.
+  utils.command_setup(argv)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from vpt_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

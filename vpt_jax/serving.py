@@ -9,12 +9,13 @@ head, and one jitted call runs a batch whose examples belong to different tasks:
 
 * prompts: the tasks' per-layer prompt sets are stacked into (tasks, layers, p, d); before every
   layer each example gathers its own (p, d) set with its task id (`MultiTaskPrompts`), inserting
-  or replacing the prompt tokens exactly as `models.prompts.VPT` does. VPT-deep, VPT-shallow,
-  deep-shared, the first/last k layers, projected and E2VPT-pruned prompts all reduce to this
-  table plus a (tasks, layers) "fresh prompts here" mask. Where every task's prompt outputs are
-  discarded (deep layers) they enter as keys/values only, like the single-task fast path.
+  or replacing the prompt tokens exactly as `vpt_jax.prompts.vpt.VPT` does (the same `plan`).
+  VPT-deep, VPT-shallow, deep-shared, the first/last k layers, projected and E2VPT-pruned prompts
+  all reduce to this table plus a (tasks, layers) "fresh prompts here" mask. Where every task's
+  prompt outputs are discarded (deep layers) they enter as memory (keys/values only), like the
+  single-task fast path.
 * E2VPT key-value prompts: stacked (tasks, kv layers, heads, n, head_dim), gathered per example
-  (the ViT's `extra_kv` hook accepts per-example keys/values).
+  (the hooks' `extra_kv` accepts per-example keys/values).
 * heads: kernels zero-padded to (D, C_max) and stacked; one (B, D) x (D, tasks * C_max) matmul,
   then each example picks its task's slice. Logits beyond a task's class count are -inf.
 
@@ -35,7 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vpt_jax.models.vit import EncoderHooks, VisionTransformer
+from vpt_jax.models.hooks import Hooks, LayerInput
+from vpt_jax.models.vit import VisionTransformer
+from vpt_jax.prompts import plan as plan_lib
+from vpt_jax.prompts import vpt
+from vpt_jax.tuning import workdir as workdir_lib
 
 Array = jax.Array
 
@@ -51,7 +56,8 @@ class ServingError(ValueError):
 
 @dataclasses.dataclass
 class Task:
-  """What one tuned task adds to the shared backbone (inference form: dropout off, prompts projected).
+  """What one tuned task adds to the shared backbone (inference form: dropout off, prompts
+  projected).
 
   tokens: layer -> (p, d) prompts that layer receives fresh (inserted at the first, replacing the
     previous prompt outputs at the others); empty for an unprompted task.
@@ -84,8 +90,7 @@ def task_from_model(name: str, model: VisionTransformer, variables: Mapping[str,
   task = Task(name, np.asarray(head["kernel"], np.float32), np.asarray(head["bias"], np.float32))
   if hooks is None:
     return task
-  from vpt_jax.models import prompts  # pylint: disable=g-import-not-at-top
-  if type(hooks) is not prompts.VPT:  # pylint: disable=unidiomatic-typecheck
+  if type(hooks) is not vpt.VPT:  # pylint: disable=unidiomatic-typecheck
     raise ServingError(f"{name}: encoder hooks {type(hooks).__name__} are not VPT prompts; "
                        "serving supports VPT / E2VPT prompt sets only")
   if hooks.length and hooks.location != "prepend":
@@ -99,17 +104,17 @@ def task_from_model(name: str, model: VisionTransformer, variables: Mapping[str,
                        "the prompts before the last layer, so examples would differ in length)")
   pv = variables.get("prompts", {}).get("hooks", {})
   if hooks.length:
-    t = np.asarray(pv["tokens"], np.float32)
-    if hooks.project:
-      t = t @ np.asarray(pv["proj_kernel"], np.float32) + np.asarray(pv["proj_bias"], np.float32)
-    if getattr(hooks, "masks", False):
-      # E2VPT pruning masks: fold the segment mask into the tokens and drop pruned tokens. A
-      # pruned token is never a key or value and 'original' pooling drops it, so the compact
-      # prompt set computes exactly what the masked one does.
+    masks = None
+    if hooks.masks:
       m = variables["prompt_masks"]["hooks"]
-      token_mask = np.asarray(m["token_mask"], np.float32)
-      seg = np.tile(np.asarray(m["segment_mask"], np.float32), (1, t.shape[-1] // hooks.segments))
-      t = (t * seg * token_mask[:, None])[:, token_mask != 0]
+      masks = (m["token_mask"], m["segment_mask"])
+    t = np.asarray(vpt.prompt_values(
+        pv["tokens"], projection=(pv["proj_kernel"], pv["proj_bias"]) if hooks.project else None,
+        masks=masks), np.float32)
+    if masks is not None:
+      # A pruned token is never a key or value and 'original' pooling drops it, so the compact
+      # prompt set computes exactly what the masked one does.
+      t = t[:, np.asarray(masks[0]) != 0]
     task.tokens = {layer: t[0 if hooks.shared else i] for i, layer in enumerate(hooks.layers)}
   if hooks.kv_length:
     keys = np.asarray(pv["kv"], np.float32)
@@ -118,7 +123,7 @@ def task_from_model(name: str, model: VisionTransformer, variables: Mapping[str,
   return task
 
 
-class MultiTaskPrompts(EncoderHooks):
+class MultiTaskPrompts(Hooks):
   """Per-example prompts: each example gathers its task's prompts from stacked tables.
 
   Its variables (collection 'serving') are inputs, never trained: `task_ids` (B,), `tokens`
@@ -126,22 +131,15 @@ class MultiTaskPrompts(EncoderHooks):
   the previous layer's prompt outputs flow through), `kv_keys` / `kv_values`
   (tasks, kv layers, heads, n, head_dim).
 
-  kv_only_layers: layers where every task gets fresh prompts and nobody reads their outputs (the
-  next layer replaces them, or it is the last layer and 'original' pooling drops them): there they
-  enter as keys/values only (the ViT's `kv_tokens` hook, per example), out of the sequence, as the
-  single-task fast path does.
+  plan: the prompt plan (`vpt_jax.prompts.plan`) of the tasks' fresh-prompt table, the same
+  rules as a single task's: where every task's prompt outputs go unread, the prompts enter as
+  memory (keys/values only, per example), as the single-task fast path does.
   """
 
   length: int
-  insert_layer: int
   num_prefix: int
-  depth: int
+  plan: plan_lib.PromptPlan
   kv_layers: Tuple[int, ...] = ()
-  kv_only_layers: Tuple[int, ...] = ()
-
-  def _in_sequence(self, layer: int) -> bool:
-    """Whether the prompts sit in the token sequence that layer `layer` receives."""
-    return self.insert_layer <= layer and layer not in self.kv_only_layers
 
   def setup(self):
     var = lambda name: self.variable("serving", name, lambda: None)
@@ -153,25 +151,7 @@ class MultiTaskPrompts(EncoderHooks):
       self.kv_keys = var("kv_keys")
       self.kv_values = var("kv_values")
 
-  def before_layer(self, layer, x, *, train):
-    if not self.length or layer < self.insert_layer:
-      return x
-    ids, k, p = self.task_ids.value, self.num_prefix, self.length
-    carried = self._in_sequence(layer - 1)                      # prompt outputs of layer - 1
-    if layer in self.kv_only_layers:
-      return jnp.concatenate([x[:, :k], x[:, k + p:]], axis=1) if carried else x
-    new = self.tokens.value[ids, layer].astype(x.dtype)         # (B, p, d)
-    if not carried:  # every task gets fresh prompts here (first layer, or after a kv-only one)
-      return jnp.concatenate([x[:, :k], new, x[:, k:]], axis=1)
-    fresh = self.fresh.value[ids, layer][:, None, None]
-    return jnp.concatenate([x[:, :k], jnp.where(fresh, new, x[:, k:k + p]), x[:, k + p:]], axis=1)
-
-  def kv_tokens(self, layer, *, batch_size, train):
-    if layer not in self.kv_only_layers:
-      return None
-    return self.tokens.value[self.task_ids.value, layer], None
-
-  def extra_kv(self, layer, *, batch_size, train):
+  def _extra_kv(self, layer: int):
     if layer not in self.kv_layers:
       return None
     ids, i = self.task_ids.value, self.kv_layers.index(layer)
@@ -180,16 +160,25 @@ class MultiTaskPrompts(EncoderHooks):
     values = jnp.swapaxes(self.kv_values.value[ids, i], 1, 2)
     return keys, values
 
-  def after_encoder(self, x, *, train):
+  def layer(self, layer, x, *, num_prompts, train):
+    kv = self._extra_kv(layer)
+    if not self.length:
+      return LayerInput(x, num_prompts, extra_kv=kv)
+    ids = self.task_ids.value
+    tokens, n, memory = plan_lib.edit(
+        self.plan.action(layer), x, prefix=self.num_prefix, carried=num_prompts,
+        fresh=lambda memory: self.tokens.value[ids, layer],
+        choose=self.fresh.value[ids, layer])
+    return LayerInput(tokens, n, memory=memory, extra_kv=kv)
+
+  def after_encoder(self, x, *, num_prompts, train):
     # 'original' pooling: the backbone's own pooling over the non-prompt tokens.
-    if not self.length or not self._in_sequence(self.depth - 1):
-      return x
     k = self.num_prefix
-    return jnp.concatenate([x[:, :k], x[:, k + self.length:]], axis=1)
+    return jnp.concatenate([x[:, :k], x[:, k + num_prompts:]], axis=1) if num_prompts else x
 
 
-def _check_compatible(tasks: Sequence[Task], depth: int) -> Tuple[int, int, Tuple[int, ...]]:
-  """(prompt length, insertion layer, kv layers) shared by all tasks, or a ServingError."""
+def _check_compatible(tasks: Sequence[Task], depth: int) -> Tuple[int, Tuple[int, ...]]:
+  """(prompt length, kv layers) shared by all tasks, or a ServingError."""
   first = tasks[0]
   for t in tasks[1:]:
     if t.length != first.length:
@@ -208,7 +197,7 @@ def _check_compatible(tasks: Sequence[Task], depth: int) -> Tuple[int, int, Tupl
           "batch needs the same kv_length and kv layers")
   if any(layer >= depth for layer in first.tokens):
     raise ServingError(f"{first.name}: prompted layer beyond the backbone's depth {depth}")
-  return first.length, (min(first.tokens) if first.tokens else 0), tuple(sorted(first.kv))
+  return first.length, tuple(sorted(first.kv))
 
 
 class MultiTaskServer:
@@ -223,18 +212,17 @@ class MultiTaskServer:
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
       raise ServingError(f"task names must be unique, got {names}")
-    length, insert, kv_layers = _check_compatible(tasks, backbone.depth)
+    length, kv_layers = _check_compatible(tasks, backbone.depth)
     self.tasks = list(tasks)
     self.names = names
     self.num_classes = np.array([t.num_classes for t in tasks], np.int32)
     self.params = {k: v for k, v in params.items() if k != "head"}
     self.tables = self._stack(tasks, backbone.depth, length, kv_layers)
-    kv_only: Tuple[int, ...] = ()
-    if length and getattr(backbone, "fast_path", False) and hasattr(EncoderHooks, "kv_tokens"):
-      fresh = np.asarray(self.tables["serving"]["fresh"])
-      kv_only = tuple(l for l in range(backbone.depth) if fresh[:, l:l + 2].all())
-    hooks = MultiTaskPrompts(length=length, insert_layer=insert, num_prefix=int(backbone.class_token),
-                             depth=backbone.depth, kv_layers=kv_layers, kv_only_layers=kv_only)
+    fresh = (np.asarray(self.tables["serving"]["fresh"]) if length
+             else np.zeros((1, backbone.depth), bool))
+    plan = plan_lib.make(fresh, length, fast_path=getattr(backbone, "fast_path", False))
+    hooks = MultiTaskPrompts(length=length, num_prefix=int(backbone.class_token), plan=plan,
+                             kv_layers=kv_layers)
     self.model = backbone.clone(hooks=hooks, num_classes=None)
     self._apply = jax.jit(self._logits)
 
@@ -308,16 +296,15 @@ class MultiTaskServer:
     The runs must name the same backbone file (sha256) and model config, and must not have
     trained any backbone weight (protocol vpt or linear): otherwise the error names the workdir.
     """
-    from vpt_jax import builder, checkpointing, checkpoints  # pylint: disable=g-import-not-at-top
     if not isinstance(workdirs, Mapping):
       workdirs = {str(w): str(w) for w in workdirs}
     if not workdirs:
       raise ServingError("no workdirs to serve")
     tasks, ref = [], None
     for name, wd in workdirs.items():
-      config = checkpointing.read_config(wd)
-      model, variables = checkpointing.load_tuned(wd, which=which)
-      sha = builder.file_sha256(checkpoints.resolve(config.model.checkpoint)[0])
+      tuned = workdir_lib.load_tuned(wd, which=which)
+      config, model, variables, sha = (tuned.config, tuned.model, tuned.variables,
+                                       tuned.backbone_sha256)
       try:
         tasks.append(task_from_model(name, model, variables))  # refuses pools other than original
       except ServingError as e:

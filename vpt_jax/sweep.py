@@ -3,27 +3,18 @@
     python -m vpt_jax.sweep --config=configs/demo.py --workdir=/tmp/vpt_demo
     python -m vpt_jax.sweep --config=configs/vtab.py:cifar100 --workdir=/tmp/cifar100 --protocol
 
-Arms: the config file's `get_sweep()` lists them (arguments of its `get_config`); repeated `--arm`
-flags pick others. Each arm runs in `workdir/<arm>` and its results feed a table.
-
---protocol, the VPT paper's tuning protocol for the task given after ':': every (lr, wd) of the
-config's LR_GRID x WD_GRID trains on train800 and is scored by its last-epoch val200 top-1; the best
-(ties to the smaller lr) is retrained with each of SEEDS on train800val200 and scored on test;
-`workdir/protocol.json` holds the grid, the choice and the test top-1 per seed and their mean.
-Grid values are quoted per 256 images, as the official scripts do, and used at lr * batch / 256.
-Everything is resumable: a finished run (with results.json) is never rerun, an interrupted one
-continues from its checkpoint.
+What runs, in which workdirs, and what `protocol.json` holds: `vpt_jax.tuning.sweeps`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import sys
-from typing import Dict, List, Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from vpt_jax import utils
+from vpt_jax.tuning import sweeps
 
 FLAGS = flags.FLAGS
 
@@ -41,118 +32,15 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-def load_config_module(path: str):
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} not found")
-  spec = importlib.util.spec_from_file_location("_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def table(rows: List[Dict]) -> str:
-  """A fixed-width text table of arm results."""
-  head = ["arm", "protocol", "trainable params", "% of backbone", "val top-1", "test top-1",
-          "time (s)"]
-  lines = []
-  for r in rows:
-    fmt = lambda k: "-" if r.get(k) is None else f"{100 * r[k]:.1f}"
-    lines.append([r["arm"], r["config"]["protocol"], f"{r['trainable_params']:,}",
-                  f"{r['trainable_percent_of_backbone']:.2f}", fmt("val_top1"), fmt("test_top1"),
-                  f"{r['wall_time_s']:.0f}"])
-  widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-  out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
-         "-|-".join("-" * w for w in widths)]
-  out += [" | ".join(x.ljust(w) for x, w in zip(line, widths)) for line in lines]
-  return "\n".join(out)
-
-
-def run(config_path: str, workdir: str, arms: Sequence[str] | None = None) -> List[Dict]:
-  from vpt_jax import train  # pylint: disable=g-import-not-at-top
-  module = load_config_module(config_path)
-  arms = list(arms or module.get_sweep())
-  configs = {arm: module.get_config(arm) for arm in arms}  # all checked before any training
-  rows = []
-  for arm, config in configs.items():
-    print(f"=== {arm} ===", flush=True)
-    results = train.train_and_evaluate(config, os.path.join(workdir, arm))
-    rows.append({"arm": arm.split(",")[0], **results})
-  print(table(rows), flush=True)
-  return rows
-
-
-def _finished(workdir: str) -> Dict | None:
-  path = os.path.join(workdir, "results.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
-
-
-def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_grid=None,
-                 seeds=None) -> Dict:
-  """The paper's protocol for one task; see the module docstring."""
-  from vpt_jax import train  # pylint: disable=g-import-not-at-top
-  module = load_config_module(config_path)
-  lr_grid = [float(x) for x in (lr_grid or module.LR_GRID)]
-  wd_grid = [float(x) for x in (wd_grid or module.WD_GRID)]
-  seeds = [int(x) for x in (seeds or module.SEEDS)]
-  batch = module.get_config(arg).batch_size  # also checks the argument before any training
-  prefix = f"{arg}," if arg else ""
-
-  def run(sub: str, extra: str) -> Dict:
-    d = os.path.join(workdir, sub)
-    done = _finished(d)
-    if done is not None:
-      print(f"=== {sub}: finished earlier, not rerun ===", flush=True)
-      return done
-    print(f"=== {sub} ===", flush=True)
-    return train.train_and_evaluate(module.get_config(prefix + extra), d)
-
-  grid = []
-  for lr in lr_grid:
-    for wd in wd_grid:
-      r = run(f"grid/lr{lr:g}_wd{wd:g}", f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}")
-      if r.get("val_top1") is None:
-        raise ValueError(f"{config_path}:{arg} has no validation split to select on")
-      grid.append({"lr": lr, "wd": wd, "val_top1": r["val_top1"]})
-  best = max(grid, key=lambda g: (g["val_top1"], -g["lr"]))
-  finals = []
-  for seed in seeds:
-    r = run(f"final/seed{seed}", f"final,optim.lr={best['lr'] * batch / 256!r},"
-                                 f"optim.wd={best['wd']!r},seed={seed}")
-    finals.append({"seed": seed, "test_top1": r["test_top1"], "results": r})
-  tops = [f["test_top1"] for f in finals]
-  summary = {
-      "config": f"{config_path}:{arg}", "lr_grid_per_256": lr_grid, "wd_grid": wd_grid,
-      "batch_size": batch, "grid": grid, "best": best,
-      "final": [{k: v for k, v in f.items() if k != "results"} for f in finals],
-      "test_top1_mean": float(sum(tops) / len(tops)),
-      "test_top1_std": float((sum((t - sum(tops) / len(tops)) ** 2 for t in tops) / len(tops)) ** .5),
-      "results": finals[0]["results"],  # config, parameter counts (the same for every seed)
-  }
-  with open(os.path.join(workdir, "protocol.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
-  print(f"best lr {best['lr']:g} (per 256) wd {best['wd']:g}: val {100 * best['val_top1']:.1f}; "
-        f"test {100 * summary['test_top1_mean']:.2f} +- {100 * summary['test_top1_std']:.2f} "
-        f"over seeds {seeds}", flush=True)
-  return summary
-
-
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  utils.command_setup(argv)
   sys.path.insert(0, os.getcwd())  # configs import the `configs` package
   path, _, arg = FLAGS.config.partition(":")
   if FLAGS.protocol:
-    run_protocol(path, arg, FLAGS.workdir, lr_grid=FLAGS.lr_grid, wd_grid=FLAGS.wd_grid,
-                 seeds=FLAGS.seeds)
+    sweeps.run_protocol(path, arg, FLAGS.workdir, lr_grid=FLAGS.lr_grid,
+                        wd_grid=FLAGS.wd_grid, seeds=FLAGS.seeds)
   else:
-    run(path, FLAGS.workdir, FLAGS.arm)
+    sweeps.run(path, FLAGS.workdir, FLAGS.arm)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from vpt_jax.data.sources import Split
+from vpt_jax.data.split import Split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 VTAB_LISTS = ("train800", "val200", "train800val200", "test")

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vpt_jax.data.sources import Split
+from vpt_jax.data.split import Split, eval_order
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,10 +150,7 @@ class Pipeline:
 
   def eval_batches(self) -> Iterator[Dict[str, np.ndarray]]:
     """One pass in order; the last global batch is padded and carries mask 0 on the padding."""
-    n = len(self.split)
-    padded = -(-n // self.batch_size) * self.batch_size
-    index = np.arange(padded) % n
-    mask = (np.arange(padded) < n).astype(np.float32)
-    ds = self._dataset(self._local_rows(index), self._local_rows(np.arange(padded)),
+    index, mask = eval_order(len(self.split), self.batch_size)
+    ds = self._dataset(self._local_rows(index), self._local_rows(np.arange(len(index))),
                        self._local_rows(mask))
     yield from ds.as_numpy_iterator()

@@ -8,7 +8,6 @@ function of (seed, step), which is what makes an interrupted run resume bit for 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from typing import Dict, Sequence
@@ -16,27 +15,13 @@ from typing import Dict, Sequence
 import ml_collections
 import numpy as np
 
-from vpt_jax.data import vtab
+from vpt_jax.data import folders, vtab
+from vpt_jax.data.split import Split
 
 # The 1797 scikit-learn digits split in the spirit of VTAB-1k: a fixed permutation, the first 1000
 # for training (800 train + 200 validation), the remaining 797 for test.
 DIGITS_SPLITS = {"train800": (0, 800), "val200": (800, 1000), "train800val200": (0, 1000),
                  "test": (1000, None)}
-
-
-@dataclasses.dataclass
-class Split:
-  """One split in memory: images as uint8 (n, H, W, C) or an object array of encoded bytes."""
-
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  @property
-  def encoded(self) -> bool:
-    return self.images.dtype == object
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -102,7 +87,8 @@ def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
     where = data_dir or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     raise FileNotFoundError(
         f"config data.name={cfg.name!r} split {split!r}: not available in {where} "
-        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Prepare it first, e.g. `tfds build {cfg.name.split(':')[0]}`"
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Prepare it first, "
+        f"e.g. `tfds build {cfg.name.split(':')[0]}`"
         " (some datasets need a manual download), or set config.data.data_dir") from e
   images, labels = [], []
   for ex in tfds.as_numpy(ds):
@@ -110,7 +96,7 @@ def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
     labels.append(transform(ex) if transform else ex[cfg.label_key])
   if not labels:
     raise ValueError(f"config data.name={cfg.name!r} split {split!r} is empty")
-  bad = [i for i, im in enumerate(images) if not _folders().is_image(im)]
+  bad = [i for i, im in enumerate(images) if not folders.is_image(im)]
   if bad:
     where = f"config data.name={cfg.name!r} split {split!r}"
     if cfg.on_bad_image != "skip":
@@ -124,19 +110,14 @@ def _tfds(cfg: ml_collections.ConfigDict, split: str) -> Split:
   return Split(out, np.asarray(labels, np.int32))
 
 
-def _folders():
-  from vpt_jax.data import folders  # pylint: disable=g-import-not-at-top; it imports Split
-  return folders
-
-
 SOURCES = {
     "digits": lambda cfg, split: _digits(split),
     "tfds": _tfds,
-    "vtab_folder": lambda cfg, split: _folders().read_vtab_lists(
+    "vtab_folder": lambda cfg, split: folders.read_vtab_lists(
         cfg.root, split, on_bad_image=cfg.on_bad_image),
-    "fgvc_json": lambda cfg, split: _folders().read_fgvc_json(
+    "fgvc_json": lambda cfg, split: folders.read_fgvc_json(
         cfg.root, split, image_dir=cfg.image_dir, on_bad_image=cfg.on_bad_image),
-    "folder": lambda cfg, split: _folders().read_class_folders(
+    "folder": lambda cfg, split: folders.read_class_folders(
         cfg.root, split, on_bad_image=cfg.on_bad_image, val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction),
 }
@@ -148,7 +129,7 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
   if cfg.source == "digits":
     return 10
   if cfg.source == "folder":
-    return len(_folders().class_names(cfg.root))
+    return len(folders.class_names(cfg.root))
   if cfg.source in ("vtab_folder", "fgvc_json"):
     raise ValueError(f"config data.num_classes must be set for data.source={cfg.source!r}")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -1,9 +1,9 @@
 """The VPT paper's other transfer baselines as encoder hooks: MLP-k head, adapters, side-tuning.
 
-Each is an `EncoderHooks` method of one module, `TransferModules`, whose variables live in their own
+Each is a `Hooks` method of one module, `TransferModules`, whose variables live in their own
 collection 'modules' (paths `modules/hooks/...`), apart from the frozen checkpoint in 'params' and
-the prompts in 'prompts'. Which parts exist follows the protocol's name (`protocol_modules`); what
-trains is still only the trainable-leaf rule (`vpt_jax.partition.protocol_patterns`).
+the prompts in 'prompts'. Which parts exist follows the protocol's name
+(`vpt_jax.tuning.rules.protocol`, the one registry of protocols), as does what trains.
 
 * MLP-k (`modules/hooks/mlp/...`): k - 1 hidden layers Dense(h) -> ReLU -> norm -> Dropout on the
   head's input (`head_input`), then the model's own `params/head`. The official code normalises
@@ -22,25 +22,22 @@ trains is still only the trainable-leaf rule (`vpt_jax.partition.protocol_patter
   a learned gate a = sigmoid(alpha), alpha = 0 at the start: a * backbone + (1 - a) * side, as the
   official sidetune. It reads the images, so it cannot run on cached features.
 
-`ComposedHooks` chains several hook modules (prompts and these modules together, e.g. VPT with an
-MLP head) while each keeps its variable paths (`nn.share_scope`), so checkpoints and patterns do
-not depend on what else is attached.
+Prompts and these modules attach together through `vpt_jax.models.hooks.ComposedHooks`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import re
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vpt_jax.models import prompts
-from vpt_jax.models.vit import EncoderHooks, VisionTransformer
+from vpt_jax import utils
+from vpt_jax.models.hooks import ComposedHooks, Hooks, hook_parts
+from vpt_jax.models.vit import VisionTransformer
 
 Array = jax.Array
 COLLECTION = "modules"
@@ -62,24 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
       side_channels=(16, 32, 64)))
 
 
-def protocol_modules(protocol: str) -> Dict[str, Any]:
-  """Which modules a protocol attaches: {} for the protocols that need none."""
-  m = re.fullmatch(r"mlp-(\d+)", protocol)
-  if m:
-    k = int(m.group(1))
-    if k < 2:
-      raise ValueError(f"protocol {protocol!r}: MLP-k needs k >= 2 (k = 1 is protocol 'linear')")
-    return {"mlp_layers": k - 1}
-  if protocol == "adapter":
-    return {"adapter": True}
-  if protocol == "side":
-    return {"side": True}
-  return {}
-
-
 def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Value checks of the `modules` section; errors name the option."""
-  prompts.check_options(cfg, default_config(), "modules")
+  utils.check_options(cfg, default_config(), "modules")
   if cfg.mlp_hidden < 0:
     raise ValueError(f"config modules.mlp_hidden={cfg.mlp_hidden} must be >= 0 (0 = feature width)")
   if cfg.mlp_norm not in NORMS:
@@ -200,7 +182,7 @@ class SideNetwork(nn.Module):
     return a * x + (1.0 - a) * s.astype(x.dtype)
 
 
-class TransferModules(EncoderHooks):
+class TransferModules(Hooks):
   """The baselines' modules as hooks; build with `attach`, which fills in the model's sizes."""
 
   features: int                       # width of the head's input (width or representation_size)
@@ -235,92 +217,8 @@ class TransferModules(EncoderHooks):
     return x
 
 
-class ComposedHooks(EncoderHooks):
-  """Several hook modules applied in order; each keeps its own variable paths (`hooks/...`).
-
-  before_layer, mlp_output, after_encoder and head_input chain (part 0 first); key_mask ands the
-  parts' masks; extra_kv concatenates the parts' extra keys/values (kv_tokens: at most one part);
-  keeps_class_token when all do; embed passes each part the next part's embedding, so
-  image-space changes compose and inserted tokens are concatenated.
-  """
-
-  parts: Tuple[EncoderHooks, ...]
-
-  def setup(self):
-    for p in self.parts:
-      nn.share_scope(self, p)
-
-  def embed(self, images, embedding, *, train):
-    inserted = []
-
-    def through(i: int, ims: Array) -> Array:
-      if i == len(self.parts):
-        return embedding(ims)
-      tokens, extra = self.parts[i].embed(ims, functools.partial(through, i + 1), train=train)
-      if extra is not None:
-        inserted.append(extra)
-      return tokens
-    tokens = through(0, images)
-    if not inserted:
-      return tokens, None
-    b = images.shape[0]
-    return tokens, jnp.concatenate(
-        [jnp.broadcast_to(t, (b,) + t.shape[-2:]) for t in reversed(inserted)], axis=1)
-
-  def before_layer(self, layer, x, *, train):
-    for p in self.parts:
-      x = p.before_layer(layer, x, train=train)
-    return x
-
-  def extra_kv(self, layer, *, batch_size, train):
-    kvs = [kv for p in self.parts
-           if (kv := p.extra_kv(layer, batch_size=batch_size, train=train)) is not None]
-    if len(kvs) <= 1:
-      return kvs[0] if kvs else None
-    full = lambda t: jnp.broadcast_to(t, (batch_size,) + t.shape[-3:])
-    return tuple(jnp.concatenate([full(kv[j]) for kv in kvs], axis=1) for j in (0, 1))
-
-  def kv_tokens(self, layer, *, batch_size, train):
-    found = [t for p in self.parts
-             if (t := p.kv_tokens(layer, batch_size=batch_size, train=train)) is not None]
-    if len(found) > 1:
-      raise NotImplementedError(f"{len(found)} composed hook modules give kv_tokens for layer "
-                                f"{layer}; at most one may")
-    return found[0] if found else None
-
-  def keeps_class_token(self):
-    return all(p.keeps_class_token() for p in self.parts)
-
-  def key_mask(self, layer, length, *, train):
-    """The tokens every part allows (logical and), or None when no part masks any."""
-    masks = [m for p in self.parts if (m := p.key_mask(layer, length, train=train)) is not None]
-    return functools.reduce(jnp.logical_and, masks) if masks else None
-
-  def mlp_output(self, layer, y, *, train):
-    for p in self.parts:
-      y = p.mlp_output(layer, y, train=train)
-    return y
-
-  def after_encoder(self, x, *, train):
-    for p in self.parts:
-      x = p.after_encoder(x, train=train)
-    return x
-
-  def head_input(self, x, images, *, train):
-    for p in self.parts:
-      x = p.head_input(x, images, train=train)
-    return x
-
-
-def hook_parts(model: VisionTransformer) -> Sequence[EncoderHooks]:
-  """The hook modules attached to `model`, composed or not."""
-  if model.hooks is None:
-    return ()
-  return tuple(model.hooks.parts) if isinstance(model.hooks, ComposedHooks) else (model.hooks,)
-
-
 def find_modules(model: VisionTransformer) -> Optional[TransferModules]:
-  return next((p for p in hook_parts(model) if isinstance(p, TransferModules)), None)
+  return next((p for p in hook_parts(model.hooks) if isinstance(p, TransferModules)), None)
 
 
 def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict, *, mlp_layers: int = 0,
@@ -335,7 +233,8 @@ def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict, *, mlp_laye
       adapter_layers=tuple(range(model.depth)) if adapter else (),
       adapter_bottleneck=max(model.width // cfg.adapter_reduction, 1),
       side_channels=tuple(int(c) for c in cfg.side_channels) if side else ())
-  hooks = modules if model.hooks is None else ComposedHooks(parts=(*hook_parts(model), modules))
+  hooks = modules if model.hooks is None else ComposedHooks(
+      parts=(*hook_parts(model.hooks), modules))
   return model.clone(hooks=hooks)
 
 
@@ -349,6 +248,7 @@ def head_features(model: VisionTransformer) -> int:
 
 
 def init_modules(model: VisionTransformer, rng: Array) -> dict:
-  """Fresh 'modules' variables for a model made by `attach` (under jit the backbone is dead code)."""
+  """Fresh 'modules' variables for a model made by `attach` (under jit the backbone is dead
+  code)."""
   images = jnp.zeros((1, *model.image_size, model.in_channels), jnp.float32)
   return jax.jit(lambda r: model.init(r, images).get(COLLECTION, {}))(rng)

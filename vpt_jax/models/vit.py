@@ -4,20 +4,21 @@ Parameter tree (linen names; `vpt_jax.checkpoints` maps both published file layo
 
     embedding/{kernel,bias}          patch-embedding conv, kernel HWIO
     cls                              (1, 1, D), when `class_token`
-    pos_embedding                    (1, [1 +] gh*gw, D); the leading class-token row exists only
-                                     for vit_jax files (`posemb_cls_row`), big_vision folds it into cls
-    Transformer/encoderblock_{i}/    LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
-                                     LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
+    pos_embedding                    (1, [1 +] gh*gw, D); the leading class-token row exists
+                                     only for vit_jax files (`posemb_cls_row`), big_vision folds
+                                     it into cls
+    Transformer/encoderblock_{i}/    LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,
+                                     value,out}, LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
     Transformer/encoder_norm
     MAPHead_0/...                    when pool_type == 'map' (big_vision / SigLIP)
     pre_logits/{kernel,bias}         when `representation_size` (Dense + tanh)
     head/{kernel,bias}               when `num_classes`
 
-Prompts and other additions never fork this file: the encoder calls an optional `EncoderHooks`
-module before every layer (to insert or replace tokens), inside every attention (to append
-extra keys/values), on every MLP output (adapters) and on the head's input (MLP heads, side
-networks). `start_layer` enters the model at a later layer, for cached frozen prefixes. The hooks module is a child of the ViT, so its variables live in the same
-variable dict, in whatever collection it chooses (VPT uses 'prompts').
+Prompts and other additions never fork this file: the model calls an optional `Hooks` module
+(`vpt_jax.models.hooks`, which says why each of its five methods exists) on the input, once per
+layer, on every MLP output and around pooling and the head. `start_layer` enters the model at a
+later layer, for cached frozen prefixes. The hooks module is a child of the ViT, so its variables
+live in the same variable dict, in whatever collection it chooses (VPT uses 'prompts').
 
 Numerics follow the originals: pre-LN blocks, LayerNorm eps 1e-6, tanh-approximate GELU (flax's
 default, which the checkpoints were trained with), attention scaled by 1/sqrt(head_dim), softmax in
@@ -25,106 +26,26 @@ float32. `dtype` sets the compute dtype of the matmuls/convs only; parameters, L
 the residual stream, softmax and the logits stay float32.
 
 Intermediate arrays are sown into the 'intermediates' collection (`stem`, `block_{i}`, `encoded`,
-`pooled`, `head_input`) so tests and tools can read them with `mutable=['intermediates']`, at no
-cost otherwise.
+`pooled`, `head_input`, and each attention's weights) so tests and tools can read them with
+`mutable=['intermediates']`, at no cost otherwise.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax.models.hooks import Hooks, KeyValue, LayerInput
+
 Array = jax.Array
 Dtype = Any
-KeyValue = Tuple[Array, Array]
 
 LN_EPS = 1e-6
 POOL_TYPES = ("token", "gap", "map")
-
-
-class EncoderHooks(nn.Module):
-  """Identity hooks; subclass and override to change what the encoder sees.
-
-  The ViT calls them in this order: `embed` (patch embedding, may also return tokens to insert
-  after the class token, without position embedding), then per layer `before_layer` and
-  `extra_kv`, and `after_encoder` (which tokens the pooling sees). Subclasses declare their
-  variables in `setup()` (a module may have only one compact method, and hooks have several).
-  """
-
-  def embed(self, images: Array, embedding: Callable[[Array], Array], *,
-            train: bool) -> Tuple[Array, Optional[Array]]:
-    """Returns (patch tokens (B, gh, gw, D), tokens to insert after the class token or None).
-
-    `embedding` is the model's (frozen) patch-embedding conv; it accepts any image size.
-    """
-    del train
-    return embedding(images), None
-
-  def before_layer(self, layer: int, x: Array, *, train: bool) -> Array:
-    """Returns the token sequence that encoder layer `layer` (0-based) receives.
-
-    May return a longer or shorter sequence (insert, replace or drop tokens). Token 0 must stay the
-    class token when the model has one, since 'token' pooling reads row 0.
-    """
-    del layer, train
-    return x
-
-  def extra_kv(self, layer: int, *, batch_size: int, train: bool) -> Optional[KeyValue]:
-    """Extra (keys, values) appended inside the attention of layer `layer`, or None.
-
-    Each has shape (n, heads, head_dim) (shared by the batch) or (batch, n, heads, head_dim), in
-    the head space after the key/value projections. Queries are unchanged, so the output sequence
-    keeps its length.
-    """
-    del layer, batch_size, train
-    return None
-
-  def kv_tokens(self, layer: int, *, batch_size: int,
-                train: bool) -> Optional[Tuple[Array, Optional[Array]]]:
-    """Tokens that layer `layer` attends to but whose own outputs nobody reads, or None.
-
-    Returns (tokens (n, D) shared by the batch or (batch, n, D), valid bool (n,) or None). They
-    pass through the layer's frozen LayerNorm and key/value projections only: exactly what a
-    VPT-deep prompt contributes to a layer whose prompt outputs the next layer discards.
-    """
-    del layer, batch_size, train
-    return None
-
-  def keeps_class_token(self) -> bool:
-    """True when `after_encoder` leaves row 0 (the class token) in place, so 'token' pooling reads
-    only it and the last layer may compute that row alone. Override if you reorder rows."""
-    return True
-
-  def key_mask(self, layer: int, length: int, *, train: bool) -> Optional[Array]:
-    """Which of the `length` tokens layer `layer` may attend to (bool (length,)), or None = all.
-
-    Pruned prompts use it: a token with mask False is never a key or value, so it influences
-    nothing, exactly as if it had been removed from the sequence.
-    """
-    del layer, length, train
-    return None
-
-  def mlp_output(self, layer: int, y: Array, *, train: bool) -> Array:
-    """The MLP output of layer `layer` before it is added to the residual stream (adapters)."""
-    del layer, train
-    return y
-
-  def after_encoder(self, x: Array, *, train: bool) -> Array:
-    """The tokens (after the final LayerNorm) that the model's pooling reads."""
-    del train
-    return x
-
-  def head_input(self, x: Array, images: Optional[Array], *, train: bool) -> Array:
-    """The features the head reads (after pooling and pre_logits): MLP heads, side networks.
-
-    `images` is the model's input, or None when the model was entered at a later layer.
-    """
-    del images, train
-    return x
 
 
 class MlpBlock(nn.Module):
@@ -144,16 +65,22 @@ class MlpBlock(nn.Module):
     return y
 
 
-def attend(q: Array, k: Array, v: Array, key_mask: Optional[Array] = None) -> Array:
-  """softmax(q k^T / sqrt(head_dim)) v over (batch, length, heads, head_dim) arrays.
+def attention_weights(q: Array, k: Array, key_mask: Optional[Array] = None) -> Array:
+  """softmax(q k^T / sqrt(head_dim)) in float32: (batch, heads, queries, keys).
 
-  key_mask: optional bool (keys,): False keys get zero attention weight.
+  q, k: (batch, length, heads, head_dim); key_mask: optional bool (keys,), False keys get zero
+  weight.
   """
   q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   if key_mask is not None:
     logits = jnp.where(key_mask, logits, -jnp.inf)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def attend(q: Array, k: Array, v: Array, key_mask: Optional[Array] = None) -> Array:
+  """softmax(q k^T / sqrt(head_dim)) v over (batch, length, heads, head_dim) arrays."""
+  weights = attention_weights(q, k, key_mask).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
@@ -174,15 +101,18 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, *,
-               kv_inputs: Optional[Array] = None, extra_kv: Optional[KeyValue] = None,
-               key_mask: Optional[Array] = None, kv_valid: Optional[Array] = None) -> Array:
-    """Attention of `inputs_q` rows over keys/values [inputs_kv; kv_inputs; extra_kv].
+  def __call__(self, inputs_q: Array, inputs_kv: Array, *, memory: Optional[Array] = None,
+               extra_kv: Optional[KeyValue] = None, key_mask: Optional[Array] = None) -> Array:
+    """Attention of `inputs_q` rows over keys/values [inputs_kv; memory; extra_kv].
 
-    kv_inputs: (batch or 1, n, D) tokens that are keys/values only (projected by this layer's
+    memory: (batch or 1, m, D) tokens that are keys/values only (projected by this layer's
       key/value kernels, never queries); with a leading 1 they are projected once for the batch.
-    extra_kv: keys and values already in head space ((n, H, hd) or (batch, n, H, hd)).
-    key_mask, kv_valid: optional bool masks over the inputs_kv rows / the kv_inputs rows.
+    extra_kv: keys and values already in head space ((e, H, hd) or (batch, e, H, hd)).
+    key_mask: optional bool (n + m,) over the inputs_kv and memory rows.
+
+    The weights are sown ('intermediates', 'attention') split by key group -- 'tokens',
+    'memory', 'extra' -- so tools read them (class-token attention plots) instead of redoing
+    the math, with every group's size explicit.
     """
     d = inputs_q.shape[-1]
     if d % self.num_heads:
@@ -193,28 +123,41 @@ class MultiHeadDotProductAttention(nn.Module):
     q = proj("query")(inputs_q)
     k, v = key(inputs_kv), value(inputs_kv)
     b = inputs_kv.shape[0]
-    masks = [key_mask if key_mask is not None else jnp.ones(inputs_kv.shape[1], bool)]
+    sizes = {"tokens": k.shape[1]}
     extras = []
-    if kv_inputs is not None:
-      extras.append((key(kv_inputs), value(kv_inputs)))
-      masks.append(kv_valid if kv_valid is not None else jnp.ones(kv_inputs.shape[1], bool))
+    if memory is not None:
+      extras.append((key(memory), value(memory)))
+      sizes["memory"] = memory.shape[1]
     if extra_kv is not None:
       extras.append(extra_kv)
-      masks.append(jnp.ones(extra_kv[0].shape[-3], bool))
+      sizes["extra"] = extra_kv[0].shape[-3]
     for ek, ev in extras:
       k = jnp.concatenate([k, _batched(ek, b).astype(k.dtype)], axis=1)
       v = jnp.concatenate([v, _batched(ev, b).astype(v.dtype)], axis=1)
-    masked = key_mask is not None or kv_valid is not None
-    y = attend(q, k, v, jnp.concatenate(masks) if masked else None)
+    if key_mask is not None and extra_kv is not None:
+      key_mask = jnp.concatenate([key_mask, jnp.ones(sizes["extra"], bool)])
+    weights = attention_weights(q, k, key_mask)
+    self.sow("intermediates", "attention", _split_keys(weights, sizes))
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
+
+
+def _split_keys(weights: Array, sizes: Dict[str, int]) -> Dict[str, Array]:
+  """Attention weights (..., keys) cut into the named key groups, in order."""
+  out, start = {}, 0
+  for name, n in sizes.items():
+    out[name] = weights[..., start:start + n]
+    start += n
+  return out
 
 
 class Encoder1DBlock(nn.Module):
   """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
 
-  Two ways to skip work whose result nobody reads, both exact: `kv_tokens` are tokens this layer
-  only attends to (their LN -> key/value projections are computed; no query, residual or MLP), and
-  `query_rows=m` computes the outputs of the first m rows only (all rows still serve as keys).
+  Two ways to skip work whose result nobody reads, both exact: `memory` tokens are tokens this
+  layer only attends to (their LN -> key/value projections are computed; no query, residual or
+  MLP), and `query_rows=m` computes the outputs of the first m rows only (all rows still serve as
+  keys).
   """
 
   num_heads: int
@@ -223,22 +166,20 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, extra_kv: Optional[KeyValue] = None,
-               key_mask: Optional[Array] = None, kv_tokens: Optional[Array] = None,
-               kv_valid: Optional[Array] = None, query_rows: Optional[int] = None,
+  def __call__(self, x: Array, *, memory: Optional[Array] = None,
+               extra_kv: Optional[KeyValue] = None, key_mask: Optional[Array] = None,
+               query_rows: Optional[int] = None,
                mlp_hook: Optional[Callable[[Array], Array]] = None, train: bool = False) -> Array:
     norm = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_0")
     y = norm(x)
     if query_rows is not None:
       x = x[:, :query_rows]
-    kv_inputs = None
-    if kv_tokens is not None:
-      kv_inputs = norm(kv_tokens if kv_tokens.ndim == 3 else kv_tokens[None])
+    if memory is not None:
+      memory = norm(memory if memory.ndim == 3 else memory[None])
     y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                      name="MultiHeadDotProductAttention_0")(
                                          y if query_rows is None else y[:, :query_rows], y,
-                                         kv_inputs=kv_inputs, extra_kv=extra_kv,
-                                         key_mask=key_mask, kv_valid=kv_valid)
+                                         memory=memory, extra_kv=extra_kv, key_mask=key_mask)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + y
     y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_1")(x)
@@ -264,26 +205,24 @@ class Encoder(nn.Module):
   class_token_only: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, *, hooks: Optional[EncoderHooks] = None, start_layer: int = 0,
-               train: bool = False) -> Array:
+  def __call__(self, x: Array, *, hooks: Optional[Hooks] = None, start_layer: int = 0,
+               num_prompts: int = 0, train: bool = False) -> Tuple[Array, int]:
+    """(the encoded tokens, how many of them after the prefix are prompts)."""
     for i in range(start_layer, self.depth):
-      kv = mlp_hook = key_mask = kv_tokens = kv_valid = None
+      step, mlp_hook = LayerInput(x, num_prompts), None
       if hooks is not None:
-        x = hooks.before_layer(i, x, train=train)
-        kv = hooks.extra_kv(i, batch_size=x.shape[0], train=train)
-        key_mask = hooks.key_mask(i, x.shape[1], train=train)
-        found = hooks.kv_tokens(i, batch_size=x.shape[0], train=train)
-        if found is not None:
-          kv_tokens, kv_valid = found
+        step = hooks.layer(i, x, num_prompts=num_prompts, train=train)
         mlp_hook = functools.partial(hooks.mlp_output, i, train=train)
+      num_prompts = step.num_prompts
       last = self.class_token_only and i == self.depth - 1
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                         name=f"encoderblock_{i}")(x, extra_kv=kv, key_mask=key_mask,
-                                                   kv_tokens=kv_tokens, kv_valid=kv_valid,
+                         name=f"encoderblock_{i}")(step.tokens, memory=step.memory,
+                                                   extra_kv=step.extra_kv,
+                                                   key_mask=step.key_mask,
                                                    query_rows=1 if last else None,
                                                    mlp_hook=mlp_hook, train=train)
       self.sow("intermediates", f"block_{i}", x)
-    return nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(x)
+    return nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(x), num_prompts
 
 
 class MAPHead(nn.Module):
@@ -325,7 +264,7 @@ class VisionTransformer(nn.Module):
     in_channels: input channels of the patch embedding.
     dropout: dropout rate in the blocks (0.0 in all the originals' transfer configs).
     dtype: compute dtype of matmuls and convolutions (e.g. jnp.bfloat16).
-    hooks: optional `EncoderHooks` module (prompts, key-value prompts).
+    hooks: optional `Hooks` module (prompts, key-value prompts, adapters, heads).
     fast_path: compute only what the output needs (exact, same logits and gradients): with
       'token' pooling the last layer computes the class-token row only. Prompt hooks read it when
       attached (VPT-deep prompts whose outputs the next layer discards become keys/values only).
@@ -348,7 +287,7 @@ class VisionTransformer(nn.Module):
   in_channels: int = 3
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  hooks: Optional[EncoderHooks] = None
+  hooks: Optional[Hooks] = None
   fast_path: bool = True
 
   @property
@@ -372,8 +311,9 @@ class VisionTransformer(nn.Module):
           f"(batch, {self.image_size[0]}, {self.image_size[1]}, {self.in_channels}) NHWC; "
           "load the checkpoint with load_pretrained(..., image_size=...) to change the resolution")
 
-  def _embed(self, images: Array, *, train: bool) -> Array:
-    """Patch embedding, class token, position embedding, inserted tokens: layer 0's input."""
+  def _embed(self, images: Array, *, train: bool) -> Tuple[Array, int]:
+    """Layer 0's input (patch embedding, class token, position embedding, inserted tokens) and
+    how many tokens the hooks inserted."""
     self._check(images)
     embedding = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size),
                         padding="VALID", dtype=self.dtype, name="embedding")
@@ -403,8 +343,7 @@ class VisionTransformer(nn.Module):
       inserted = jnp.broadcast_to(inserted, (n,) + inserted.shape[-2:]).astype(x.dtype)
       x = jnp.concatenate([x[:, :prefix], inserted, x[:, prefix:]], axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-
-    return x
+    return x, 0 if inserted is None else inserted.shape[1]
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False, start_layer: int = 0) -> Array:
@@ -421,17 +360,17 @@ class VisionTransformer(nn.Module):
       if images.ndim != 3 or images.shape[-1] != self.width:
         raise ValueError(f"start_layer={start_layer} takes (batch, tokens, {self.width}) token "
                          f"sequences, got shape {tuple(images.shape)}")
-      x, images = images.astype(jnp.float32), None
+      # The cached-prefix entry comes before any layer a hook changes: no prompts in it yet.
+      x, images, num_prompts = images.astype(jnp.float32), None, 0
     else:
-      x = self._embed(images, train=train)
-    class_token_only = (self.fast_path and self.pool_type == "token"
-                        and (self.hooks is None or self.hooks.keeps_class_token()))
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                class_token_only=class_token_only,
-                name="Transformer")(x, hooks=self.hooks, start_layer=start_layer, train=train)
+      x, num_prompts = self._embed(images, train=train)
+    x, num_prompts = Encoder(
+        self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+        class_token_only=self.fast_path and self.pool_type == "token", name="Transformer")(
+            x, hooks=self.hooks, start_layer=start_layer, num_prompts=num_prompts, train=train)
     self.sow("intermediates", "encoded", x)
     if self.hooks is not None:
-      x = self.hooks.after_encoder(x, train=train)
+      x = self.hooks.after_encoder(x, num_prompts=num_prompts, train=train)
 
     if self.pool_type == "token":
       x = x[:, 0]

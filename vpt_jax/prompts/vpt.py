@@ -1,4 +1,4 @@
-"""Visual Prompt Tuning (Jia et al., ECCV 2022) as encoder hooks of `VisionTransformer`.
+"""Visual Prompt Tuning (Jia et al., ECCV 2022) as hooks (`vpt_jax.models.hooks`) of a backbone.
 
 The prompts are variables of the 'prompts' collection (path `prompts/hooks/...`), separate from the
 frozen checkpoint in 'params'. `attach(model, config)` returns the ViT with the prompts plugged in.
@@ -12,15 +12,17 @@ Semantics, for the set S of prompted layers (0-based):
   dropped once past the last prompted layer;
 * VPT-shallow is S = {0}; VPT-deep is all layers; `depth=k` is the first k (`reverse`: last k).
 
+Which of these happens at each layer is the module's `plan` (`vpt_jax.prompts.plan`), computed
+once by `attach`, fast path included; the multi-task server follows the same plan.
+
 Prompts are inserted after the position embedding, so they carry none; which is why their place in
 the sequence does not matter ([x, P, E] and [x, E, P] give the same class-token output).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -28,7 +30,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vpt_jax.models.vit import EncoderHooks, VisionTransformer
+from vpt_jax import utils
+from vpt_jax.models.hooks import Hooks, LayerInput
+from vpt_jax.models.vit import VisionTransformer
+from vpt_jax.prompts import e2vpt
+from vpt_jax.prompts import plan as plan_lib
+from vpt_jax.prompts.plan import prompted_layers
 
 Array = jax.Array
 
@@ -84,26 +91,23 @@ def default_config() -> ml_collections.ConfigDict:
       kv_shared=True, kv_deep=True, masks=False, segments=16, mask_file="", init_seed=-1))
 
 
-def prompted_layers(num_layers: int, *, deep: bool, depth: int = 0,
-                    reverse: bool = False) -> Tuple[int, ...]:
-  """The 0-based layers that receive fresh prompts."""
-  if not deep:
-    if depth or reverse:
-      raise ValueError("config prompt.depth / prompt.reverse apply to VPT-deep (prompt.deep=True)")
-    return (0,)
-  if depth < 0 or depth > num_layers:
-    raise ValueError(f"config prompt.depth={depth} must be in 0..{num_layers} (0 = all layers)")
-  if reverse and not depth:
-    raise ValueError("config prompt.reverse=True needs prompt.depth=k (the last k layers)")
-  k = depth or num_layers
-  return tuple(range(num_layers - k, num_layers)) if reverse else tuple(range(k))
+def prompt_values(tokens: Array, *, projection: Optional[Tuple[Array, Array]] = None,
+                  masks: Optional[Tuple[Array, Array]] = None) -> Array:
+  """Stored prompts (..., p, dp) -> the (..., p, d) tokens a layer receives: projected by the
+  (kernel, bias) `projection`, times the E2VPT (token, segment) `masks`. Shared by the prompt
+  module and the multi-task server, so both build the same prompt set."""
+  if projection is not None:
+    tokens = tokens @ projection[0] + projection[1]
+  if masks is not None:
+    tokens = e2vpt.apply_masks(tokens, *masks)
+  return tokens
 
 
 def _uniform(bound: float) -> Callable:
   return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-class VPT(EncoderHooks):
+class VPT(Hooks):
   """Prompt provider; build it with `attach`, which fills in the model-dependent fields."""
 
   length: int
@@ -127,8 +131,13 @@ class VPT(EncoderHooks):
   masks: bool = False
   segments: int = 16
   mask_digest: str = ""     # sha256 of the mask values (part of a run's fingerprint)
-  # Prompted layers whose prompt outputs nobody reads: their prompts are keys/values only.
-  kv_only_layers: Tuple[int, ...] = ()
+  # What happens to the prompt tokens at every layer (`plan.PromptPlan`); derived, not an option.
+  plan: Optional[plan_lib.PromptPlan] = None
+
+  @property
+  def kv_only_layers(self) -> Tuple[int, ...]:
+    """Prompted layers whose prompt outputs nobody reads: their prompts are keys/values only."""
+    return self.plan.memory_layers if self.plan is not None else ()
 
   @property
   def init_bound(self) -> float:
@@ -196,19 +205,28 @@ class VPT(EncoderHooks):
     batch=0: the (n, d) set shared by the batch (only without active dropout).
     """
     t = self.tokens.value[0 if self.shared else self.layers.index(layer)]
-    if self.project:
-      t = t @ self.proj_kernel.value + self.proj_bias.value
-    if self.masks:
-      # Strided segments: dimension j belongs to segment j % R.
-      per_dim = jnp.tile(self.segment_mask.value, (1, self.width // self.segments))
-      t = t * per_dim * self.token_mask.value[:, None]
+    t = prompt_values(
+        t, projection=(self.proj_kernel.value, self.proj_bias.value) if self.project else None,
+        masks=(self.token_mask.value, self.segment_mask.value) if self.masks else None)
     if not batch:
       return t
     t = jnp.broadcast_to(t, (batch,) + t.shape)
     return self.drop(t, deterministic=not train)
 
-  def _num_prompts(self, x: Array) -> int:
-    return x.shape[1] - self.num_prefix - self.num_patches
+  def _pruned_keys(self, n: int) -> Optional[Array]:
+    """The key mask of a sequence holding this module's n prompts (pruned ones masked off)."""
+    if not self.masks or n != self.length:
+      return None
+    return jnp.concatenate([jnp.ones(self.num_prefix, bool), self.token_mask.value != 0,
+                            jnp.ones(self.num_patches, bool)])
+
+  def _extra_kv(self, layer: int):
+    if not self.kv_length or layer not in self.kv_layers:
+      return None
+    i = self.kv_layers.index(layer)
+    keys = jnp.swapaxes(self.kv_keys.value[i], 0, 1)  # (n, heads, head_dim)
+    values = keys if self.kv_shared else jnp.swapaxes(self.kv_values.value[i], 0, 1)
+    return keys, values
 
   # -- hooks -------------------------------------------------------------------------------------
 
@@ -233,52 +251,27 @@ class VPT(EncoderHooks):
       return embedding(images), self.drop(tokens, deterministic=not train)
     return embedding(images), None
 
-  def before_layer(self, layer, x, *, train):
-    if not self.length:
-      return x
-    if self.location in ("add", "add-1"):
-      return x + self._prompt_set(layer, x.shape[0], train) if layer in self.layers else x
-    if self.location not in ("prepend", "prepend-pixel"):
-      return x
-    n, k = self._num_prompts(x), self.num_prefix
-    if layer in self.kv_only_layers:  # prompts enter through `kv_tokens`; drop any flowing in
-      return jnp.concatenate([x[:, :k], x[:, k + n:]], axis=1) if n else x
-    if layer in self.layers:
-      if layer == 0 and self.location == "prepend-pixel":
-        return x  # The pixel prompts were inserted by `embed`.
-      prompts = self._prompt_set(layer, x.shape[0], train)
-      return jnp.concatenate([x[:, :k], prompts.astype(x.dtype), x[:, k + n:]], axis=1)
-    if not self.expand and n and layer > max(self.layers):
-      return jnp.concatenate([x[:, :k], x[:, k + n:]], axis=1)
-    return x
+  def layer(self, layer, x, *, num_prompts, train):
+    kv = self._extra_kv(layer)
+    if not self.length or self.location in ("pad", "concat-channel"):
+      return LayerInput(x, num_prompts, extra_kv=kv)
+    if self.location in ("add", "add-1"):  # added to the tokens, none inserted
+      if layer in self.layers:
+        x = x + self._prompt_set(layer, x.shape[0], train)
+      return LayerInput(x, num_prompts, extra_kv=kv)
+    # The memory set is shared by the batch (projected once) unless dropout makes every
+    # example's set different.
+    batch = lambda memory: 0 if memory and not (train and self.dropout) else x.shape[0]
+    tokens, n, memory = plan_lib.edit(
+        self.plan.action(layer), x, prefix=self.num_prefix, carried=num_prompts,
+        fresh=lambda memory: self._prompt_set(layer, batch(memory), train))
+    mask = self._pruned_keys(n)
+    if memory is not None and self.masks:
+      mask = jnp.concatenate([jnp.ones(tokens.shape[1], bool), self.token_mask.value != 0])
+    return LayerInput(tokens, n, memory=memory, extra_kv=kv, key_mask=mask)
 
-  def extra_kv(self, layer, *, batch_size, train):
-    if not self.kv_length or layer not in self.kv_layers:
-      return None
-    i = self.kv_layers.index(layer)
-    keys = jnp.swapaxes(self.kv_keys.value[i], 0, 1)  # (n, heads, head_dim)
-    values = keys if self.kv_shared else jnp.swapaxes(self.kv_values.value[i], 0, 1)
-    return keys, values
-
-  def kv_tokens(self, layer, *, batch_size, train):
-    if layer not in self.kv_only_layers:
-      return None
-    # Shared by the batch (projected once) unless dropout makes every example's set different.
-    batch = batch_size if (train and self.dropout) else 0
-    valid = self.token_mask.value != 0 if self.masks else None
-    return self._prompt_set(layer, batch, train), valid
-
-  def key_mask(self, layer, length, *, train):
-    n, k = length - self.num_prefix - self.num_patches, self.num_prefix
-    if not self.masks or n != self.length:
-      return None
-    return jnp.concatenate([jnp.ones(k, bool), self.token_mask.value != 0,
-                            jnp.ones(self.num_patches, bool)])
-
-  def after_encoder(self, x, *, train):
-    n, k = self._num_prompts(x), self.num_prefix
-    if x.shape[1] == k:
-      return x  # the fast path's class-token-only last layer
+  def after_encoder(self, x, *, num_prompts, train):
+    n, k = num_prompts, self.num_prefix
     if self.pool == "original":
       return jnp.concatenate([x[:, :k], x[:, k + n:]], axis=1) if n else x
     if self.pool == "cls":
@@ -290,17 +283,8 @@ class VPT(EncoderHooks):
     return x[:, k:]  # 'all'
 
 
-def check_options(cfg: ml_collections.ConfigDict, default: ml_collections.ConfigDict,
-                  section: str) -> None:
-  """An unknown key of a config section is an error that names it and lists the known ones."""
-  unknown = sorted(set(cfg) - set(default))
-  if unknown:
-    raise ValueError(f"unknown config option(s) {section}.{f', {section}.'.join(unknown)}; "
-                     f"known: {', '.join(sorted(default))}")
-
-
 def check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> None:
-  check_options(cfg, default_config(), "prompt")
+  utils.check_options(cfg, default_config(), "prompt")
   if cfg.length < 0:
     raise ValueError(f"config prompt.length={cfg.length} must be >= 0")
   if cfg.location not in LOCATIONS:
@@ -341,12 +325,26 @@ def check_config(cfg: ml_collections.ConfigDict, model: VisionTransformer) -> No
   prepends = cfg.location in ("prepend", "prepend-pixel")
   if cfg.pool in ("prompt", "all") and not (prepends and cfg.length):
     raise ValueError(f"config prompt.pool={cfg.pool!r} reads prompt outputs, but location "
-                     f"{cfg.location!r} with length {cfg.length} puts no prompt tokens in the sequence")
+                     f"{cfg.location!r} with length {cfg.length} puts no prompt tokens in the "
+                     "sequence")
   if cfg.pool in ("prompt", "all") and not cfg.expand:
     layers = prompted_layers(model.depth, deep=cfg.deep, depth=cfg.depth, reverse=cfg.reverse)
     if max(layers) < model.depth - 1:
       raise ValueError(f"config prompt.pool={cfg.pool!r} reads prompt outputs, which "
                        "prompt.expand=False drops after the last prompted layer")
+
+
+def make_plan(layers: Tuple[int, ...], depth: int, cfg: ml_collections.ConfigDict, *,
+              fast_path: bool = True) -> plan_lib.PromptPlan:
+  """The prompt plan of a config: fresh prompts at `layers`; pixel-patch prompts enter at
+  layer 0 with the input; prompts outside the sequence ('add', pixel space) need none."""
+  if not (cfg.location in ("prepend", "prepend-pixel") and cfg.length):
+    return plan_lib.make(np.zeros((1, depth), bool), 0)
+  if cfg.location == "prepend-pixel":
+    return plan_lib.make(plan_lib.fresh_table((0,), depth), cfg.length, expand=cfg.expand,
+                         fast_path=False, entry=cfg.length)
+  return plan_lib.make(plan_lib.fresh_table(layers, depth), cfg.length, expand=cfg.expand,
+                       reads_prompts=cfg.pool in ("prompt", "all"), fast_path=fast_path)
 
 
 def kv_only_layers(layers: Tuple[int, ...], depth: int,
@@ -358,17 +356,9 @@ def kv_only_layers(layers: Tuple[int, ...], depth: int,
   from the layer's frozen LayerNorm and projections: the exact fast path. Shallow prompts and
   first-k prompts flow on through later layers, so their last prompted layer is not in the set.
   """
-  if cfg.location != "prepend" or not cfg.length:
+  if cfg.location != "prepend":
     return ()
-  reads_prompts = cfg.pool in ("prompt", "all")
-  out = []
-  for i in layers:
-    replaced = i + 1 in layers
-    dropped = not cfg.expand and i == max(layers) and i + 1 < depth
-    last_unread = i == depth - 1 and not reads_prompts
-    if replaced or dropped or last_unread:
-      out.append(i)
-  return tuple(out)
+  return make_plan(layers, depth, cfg).memory_layers
 
 
 def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict) -> VisionTransformer:
@@ -377,8 +367,8 @@ def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict) -> VisionTr
   if model.hooks is not None:
     raise ValueError("this model already has encoder hooks attached")
   layers = prompted_layers(model.depth, deep=cfg.deep, depth=cfg.depth, reverse=cfg.reverse)
-  kv_only = kv_only_layers(layers, model.depth, cfg) if model.fast_path else ()
-  hooks = VPT(kv_only_layers=kv_only, length=cfg.length, layers=layers, width=model.width,
+  hooks = VPT(plan=make_plan(layers, model.depth, cfg, fast_path=model.fast_path),
+              length=cfg.length, layers=layers, width=model.width,
               patch_size=tuple(model.patch_size), image_size=tuple(model.image_size),
               in_channels=model.in_channels, num_prefix=int(model.class_token),
               num_patches=model.grid[0] * model.grid[1], shared=cfg.shared, expand=cfg.expand,
@@ -386,7 +376,7 @@ def attach(model: VisionTransformer, cfg: ml_collections.ConfigDict) -> VisionTr
               kv_layers=tuple(range(model.depth)) if cfg.kv_deep else (0,),
               location=cfg.location, pool=cfg.pool, dropout=cfg.dropout, project=cfg.project,
               masks=cfg.masks, segments=cfg.segments,
-              mask_digest=mask_digest(read_masks(cfg)) if cfg.mask_file else "")
+              mask_digest=e2vpt.mask_digest(e2vpt.read_masks(cfg)) if cfg.mask_file else "")
   pool_type = {"original": model.pool_type, "cls": "token"}.get(cfg.pool, "gap")
   return model.clone(hooks=hooks, pool_type=pool_type)
 
@@ -396,15 +386,6 @@ def init_prompts(model: VisionTransformer, rng: Array) -> dict:
   images = jnp.zeros((1, *model.image_size, model.in_channels), jnp.float32)
   # Under jit, everything but the prompts' initialisers is dead code and is never run.
   return jax.jit(lambda r: model.init(r, images).get("prompts", {}))(rng)
-
-
-def init_masks(model: VisionTransformer) -> dict:
-  """The all-ones 'prompt_masks' variables of a model with `prompt.masks`, or {} without."""
-  if model.hooks is None or not getattr(model.hooks, "masks", False):
-    return {}
-  p, r = model.hooks.length, model.hooks.segments
-  return {"prompt_masks": {"hooks": {"token_mask": jnp.ones((p,), jnp.float32),
-                                     "segment_mask": jnp.ones((p, r), jnp.float32)}}}
 
 
 def init_from_array(prompts: dict, array: np.ndarray, *, source: str = "array") -> dict:
@@ -419,44 +400,6 @@ def init_from_array(prompts: dict, array: np.ndarray, *, source: str = "array") 
     raise ValueError(f"{source}: prompt init array has shape {array.shape}; this model's prompts "
                      f"need {tuple(tokens.shape[1:])} or {tuple(tokens.shape)}")
   return {**prompts, "hooks": {**prompts["hooks"], "tokens": jnp.asarray(array)}}
-
-
-def read_masks(cfg: ml_collections.ConfigDict) -> dict:
-  """The 0/1 pruning masks of `cfg.mask_file`, checked against the prompt config."""
-  try:
-    with np.load(cfg.mask_file) as f:
-      masks = {k: np.asarray(f[k], np.float32) for k in ("tokens", "segments")}
-  except (OSError, ValueError, KeyError) as e:
-    raise ValueError(f"config prompt.mask_file={cfg.mask_file!r}: cannot read a .npz with "
-                     f"'tokens' and 'segments' arrays ({e})") from e
-  want = {"tokens": (cfg.length,), "segments": (cfg.length, cfg.segments)}
-  for k, shape in want.items():
-    if masks[k].shape != shape:
-      raise ValueError(f"config prompt.mask_file={cfg.mask_file!r}: {k!r} has shape "
-                       f"{masks[k].shape}; prompt.length={cfg.length} and prompt.segments="
-                       f"{cfg.segments} need {shape}")
-    if not np.isin(masks[k], (0.0, 1.0)).all():
-      raise ValueError(f"config prompt.mask_file={cfg.mask_file!r}: {k!r} must hold only 0 and 1")
-  if not masks["tokens"].any():
-    raise ValueError(f"config prompt.mask_file={cfg.mask_file!r} prunes every token")
-  return masks
-
-
-def mask_digest(masks: dict) -> str:
-  h = hashlib.sha256()
-  for k in ("tokens", "segments"):
-    h.update(np.ascontiguousarray(masks[k], np.float32).tobytes())
-  return h.hexdigest()
-
-
-def load_masks(variables: dict, cfg: ml_collections.ConfigDict) -> dict:
-  """`variables` with the 'prompt_masks' collection set from `cfg.mask_file` (if any)."""
-  if not cfg.mask_file:
-    return variables
-  masks = read_masks(cfg)
-  hooks = {"token_mask": jnp.asarray(masks["tokens"]),
-           "segment_mask": jnp.asarray(masks["segments"])}
-  return {**variables, "prompt_masks": {"hooks": hooks}}
 
 
 def load_init(prompts: dict, cfg: ml_collections.ConfigDict) -> dict:

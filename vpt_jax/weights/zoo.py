@@ -24,11 +24,12 @@ _VIT = "gs://vit_models/imagenet21k"
 _AUGREG = "gs://vit_models/augreg"
 _SIGLIP = "gs://big_vision/siglip"
 
-_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 ZOO: Dict[str, Entry] = {
     # Shipped with the package, for offline demos and smoke tests: a 32px ViT (patch 4, width 64,
-    # 2 layers, 10 classes) in the vit_jax layout, with random weights. Its predictions mean nothing.
+    # 2 layers, 10 classes) in the vit_jax layout, with random weights. Its predictions mean
+    # nothing.
     "tiny-random": Entry(os.path.join(_ASSETS, "tiny_random_vit.npz"),
                          "tiny random-weight ViT shipped with vpt_jax (offline demos and tests)"),
     # Shipped: the offline demo's backbone, vit_jax layout, pretrained by this project
@@ -52,28 +53,41 @@ ZOO: Dict[str, Entry] = {
                                  "1000-way head (not the VPT paper's backbone)"),
     # AugReg (Steiner et al., "How to train your ViT"): the i21k checkpoints big_vision recommends
     # ('howto-i21k-*'). vit_jax layout, no pre_logits, 21843-way head kept.
-    "augreg-ti16-i21k": Entry(f"{_AUGREG}/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
-                              "AugReg ViT-Ti/16, ImageNet-21k, 224px"),
-    "augreg-s32-i21k": Entry(f"{_AUGREG}/S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0.npz",
-                             "AugReg ViT-S/32, ImageNet-21k, 224px"),
-    "augreg-s16-i21k": Entry(f"{_AUGREG}/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
-                             "AugReg ViT-S/16, ImageNet-21k, 224px"),
-    "augreg-b32-i21k": Entry(f"{_AUGREG}/B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz",
-                             "AugReg ViT-B/32, ImageNet-21k, 224px"),
-    "augreg-b16-i21k": Entry(f"{_AUGREG}/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
-                             "AugReg ViT-B/16, ImageNet-21k, 224px"),
-    "augreg-b8-i21k": Entry(f"{_AUGREG}/B_8-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0.npz",
-                            "AugReg ViT-B/8, ImageNet-21k, 224px"),
-    "augreg-l16-i21k": Entry(f"{_AUGREG}/L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0.npz",
-                             "AugReg ViT-L/16, ImageNet-21k, 224px"),
+    "augreg-ti16-i21k": Entry(
+        f"{_AUGREG}/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+        "AugReg ViT-Ti/16, ImageNet-21k, 224px"),
+    "augreg-s32-i21k": Entry(
+        f"{_AUGREG}/S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0.npz",
+        "AugReg ViT-S/32, ImageNet-21k, 224px"),
+    "augreg-s16-i21k": Entry(
+        f"{_AUGREG}/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+        "AugReg ViT-S/16, ImageNet-21k, 224px"),
+    "augreg-b32-i21k": Entry(
+        f"{_AUGREG}/B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz",
+        "AugReg ViT-B/32, ImageNet-21k, 224px"),
+    "augreg-b16-i21k": Entry(
+        f"{_AUGREG}/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+        "AugReg ViT-B/16, ImageNet-21k, 224px"),
+    "augreg-b8-i21k": Entry(
+        f"{_AUGREG}/B_8-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0.npz",
+        "AugReg ViT-B/8, ImageNet-21k, 224px"),
+    "augreg-l16-i21k": Entry(
+        f"{_AUGREG}/L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0.npz",
+        "AugReg ViT-L/16, ImageNet-21k, 224px"),
     # SigLIP image towers (Zhai et al.), big_vision two-tower files: `params/img/...` next to the
     # text tower, MAP pooling, no class token, `head` = projection into the image-text space.
-    "siglip-b16-224": Entry(f"{_SIGLIP}/webli_en_b16_224_63724782.npz:img", "SigLIP B/16 image tower, 224px"),
-    "siglip-b16-256": Entry(f"{_SIGLIP}/webli_en_b16_256_60500360.npz:img", "SigLIP B/16 image tower, 256px"),
-    "siglip-b16-384": Entry(f"{_SIGLIP}/webli_en_b16_384_68578854.npz:img", "SigLIP B/16 image tower, 384px"),
-    "siglip-b16-512": Entry(f"{_SIGLIP}/webli_en_b16_512_68580893.npz:img", "SigLIP B/16 image tower, 512px"),
-    "siglip-l16-256": Entry(f"{_SIGLIP}/webli_en_l16_256_60552751.npz:img", "SigLIP L/16 image tower, 256px"),
-    "siglip-l16-384": Entry(f"{_SIGLIP}/webli_en_l16_384_63634585.npz:img", "SigLIP L/16 image tower, 384px"),
+    "siglip-b16-224": Entry(f"{_SIGLIP}/webli_en_b16_224_63724782.npz:img",
+                            "SigLIP B/16 image tower, 224px"),
+    "siglip-b16-256": Entry(f"{_SIGLIP}/webli_en_b16_256_60500360.npz:img",
+                            "SigLIP B/16 image tower, 256px"),
+    "siglip-b16-384": Entry(f"{_SIGLIP}/webli_en_b16_384_68578854.npz:img",
+                            "SigLIP B/16 image tower, 384px"),
+    "siglip-b16-512": Entry(f"{_SIGLIP}/webli_en_b16_512_68580893.npz:img",
+                            "SigLIP B/16 image tower, 512px"),
+    "siglip-l16-256": Entry(f"{_SIGLIP}/webli_en_l16_256_60552751.npz:img",
+                            "SigLIP L/16 image tower, 256px"),
+    "siglip-l16-384": Entry(f"{_SIGLIP}/webli_en_l16_384_63634585.npz:img",
+                            "SigLIP L/16 image tower, 384px"),
     "siglip-so400m14-224": Entry(f"{_SIGLIP}/webli_en_so400m_224_57633886.npz:img",
                                  "SigLIP So400m/14 image tower, 224px"),
     "siglip-so400m14-384": Entry(f"{_SIGLIP}/webli_en_so400m_384_58765454.npz:img",

@@ -21,12 +21,7 @@ Errors are `CheckpointError`s that name the file and the key as it is spelled in
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import re
-import sys
-import tempfile
-import urllib.request
 import zipfile
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -36,7 +31,9 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from vpt_jax import utils
 from vpt_jax.models.vit import VisionTransformer, as_pair
+from vpt_jax.weights.download import CheckpointError, resolve
 
 Params = Dict[str, Any]
 
@@ -53,10 +50,6 @@ _OLD_POSEMB_KEYS = ("Transformer/posembed_input/pos_embedding", "Transformer/pos
 _MAP_INLINE = ("probe", "MlpBlock_0", "MultiHeadDotProductAttention_0", "LayerNorm_0")
 _BLOCK_RE = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
 _SCAN_RE = re.compile(r"^Transformer/encoderblock/(.+)$")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not describe a ViT; the message names file and key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,82 +85,6 @@ class Architecture:
               map_mlp_dim=self.map_mlp_dim, in_channels=self.in_channels)
     kw.update(overrides)
     return VisionTransformer(**kw)
-
-
-# ------------------------------------------------------------------------------------------------
-# Where the file is.
-
-
-def split_subtree(spec: str) -> Tuple[str, Optional[str]]:
-  """'ckpt.npz:img' -> ('ckpt.npz', 'img'); URLs keep their scheme's colon."""
-  head, sep, tail = spec.rpartition(":")
-  if sep and head and re.fullmatch(r"[A-Za-z_]\w*(/\w+)*", tail) and not re.fullmatch(
-      r"[A-Za-z][\w+.-]*", head):  # 'gs:...' or 'https:...' alone is a scheme, not a path.
-    return head, tail
-  return spec, None
-
-
-def default_cache_dir() -> str:
-  return os.environ.get("VPT_JAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "vpt_jax"))
-
-
-def _report(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
-
-
-def download(url: str, cache_dir: Optional[str] = None) -> str:
-  """Fetches a gs:// or http(s):// file once into the cache directory and returns the local path.
-
-  Written to a temporary name and renamed at the end, so an interrupted download never leaves a
-  truncated file that looks complete.
-  """
-  cache_dir = cache_dir or default_cache_dir()
-  os.makedirs(cache_dir, exist_ok=True)
-  digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-  dest = os.path.join(cache_dir, f"{digest}_{os.path.basename(url.rstrip('/'))}")
-  if os.path.exists(dest):
-    return dest
-  fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".partial")
-  os.close(fd)
-  _report(f"vpt_jax: downloading {url} -> {dest}")
-  try:
-    if url.startswith("gs://"):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top; only GCS needs it.
-      tf.io.gfile.copy(url, tmp, overwrite=True)
-    else:
-      with urllib.request.urlopen(url) as response, open(tmp, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0)
-        done, shown = 0, -1
-        while chunk := response.read(1 << 20):
-          out.write(chunk)
-          done += len(chunk)
-          pct = int(100 * done / total) if total else -1
-          if pct >= 0 and pct // 10 != shown:
-            shown = pct // 10
-            _report(f"vpt_jax:   {done >> 20} / {total >> 20} MiB ({pct}%)")
-    os.replace(tmp, dest)
-  except Exception as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise CheckpointError(f"{url}: download failed ({type(e).__name__}: {e})") from e
-  return dest
-
-
-def resolve(spec: str, cache_dir: Optional[str] = None) -> Tuple[str, Optional[str]]:
-  """Model-zoo name, URL or path (each with an optional ':subtree') -> (local path, subtree)."""
-  from vpt_jax import zoo  # pylint: disable=g-import-not-at-top
-  spec = zoo.url_for(spec)
-  path, subtree = split_subtree(spec)
-  if re.match(r"^(gs|https?)://", path):
-    path = download(path, cache_dir)
-  elif path.startswith("file://"):
-    path = path[len("file://"):]
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"checkpoint {path!r} not found: give a local .npz path, a gs:// or https:// URL, or a "
-        f"model-zoo name ({', '.join(zoo.names())})")
-  return path, subtree
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,8 +252,9 @@ def infer_architecture(flat: Mapping[str, np.ndarray], layout: _Layout) -> Archi
   depth = layers[-1] + 1
   missing = sorted(set(range(depth)) - set(layers))
   if missing:
+    key = layout.file_key(f"Transformer/encoderblock_{missing[0]}/x")
     raise CheckpointError(f"{layout.path}: encoder block(s) {missing} missing among 0..{depth - 1} "
-                          f"(no key under {layout.file_key(f'Transformer/encoderblock_{missing[0]}/x')!r})")
+                          f"(no key under {key!r})")
   q = _need(flat, "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
             layout, 3)
   mlp = _need(flat, "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel", layout, 2)
@@ -472,7 +390,7 @@ def load_pretrained(spec: str, *, image_size: Optional[int | Sequence[int]] = No
 
   Args:
     spec: local .npz path, gs:// or https:// URL (downloaded once into `cache_dir`), or a name
-      from `vpt_jax.zoo`; a ':name' suffix selects a sub-tree (SigLIP: 'file.npz:img').
+      from `vpt_jax.weights.zoo`; a ':name' suffix selects a sub-tree (SigLIP: 'file.npz:img').
     image_size: int or (height, width) to run at; the position embedding is resampled to the new
       patch grid. Default: the checkpoint's own resolution.
     num_classes: replace the head by a fresh zero-initialised one with this many classes (the
@@ -551,15 +469,4 @@ def save_npz(params: Params, path: str, *, layout: str = "vit_jax") -> None:
         k = _OLD_POSEMB_KEYS[0]
       renamed[k] = v
     flat = renamed
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.partial")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  utils.atomic_savez(path, flat)

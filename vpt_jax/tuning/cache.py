@@ -22,9 +22,12 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
-from vpt_jax import partition
-from vpt_jax.models import heads, prompts
-from vpt_jax.models.vit import EncoderHooks, VisionTransformer
+from vpt_jax import prompts
+from vpt_jax.data.split import eval_order
+from vpt_jax.models import heads
+from vpt_jax.models.hooks import Hooks, hook_parts
+from vpt_jax.models.vit import VisionTransformer
+from vpt_jax.tuning import rules
 
 MODES = ("auto", "true", "false")
 MAX_CACHE_BYTES = 8 << 30      # host memory the cached token sequences may take
@@ -40,7 +43,7 @@ def cache_mode(value: Any) -> str:
   return text
 
 
-def _hooks_layer(hooks: EncoderHooks, depth: int) -> Tuple[int, str]:
+def _hooks_layer(hooks: Hooks, depth: int) -> Tuple[int, str]:
   """The first layer whose input one hook module changes (depth = none), and which part."""
   if isinstance(hooks, prompts.VPT):
     first = depth
@@ -68,7 +71,7 @@ def entry_layer(model: VisionTransformer, mask: Any) -> Tuple[int, str]:
   prompts still change the sequence) count.
   """
   j, why = model.depth, "everything trainable is after the encoder"
-  flat_mask = dict(zip(partition.leaf_paths(mask), jax.tree.leaves(mask)))
+  flat_mask = dict(zip(rules.leaf_paths(mask), jax.tree.leaves(mask)))
   for path, trainable in flat_mask.items():
     if not trainable or not path.startswith("params/"):
       continue
@@ -76,7 +79,7 @@ def entry_layer(model: VisionTransformer, mask: Any) -> Tuple[int, str]:
     layer = int(m.group(1)) if m else (model.depth if _AFTER_ENCODER.fullmatch(path) else 0)
     if layer < j:
       j, why = layer, f"trainable {path}"
-  for part in heads.hook_parts(model):
+  for part in hook_parts(model.hooks):
     layer, what = _hooks_layer(part, model.depth)
     if layer < j:
       j, why = layer, what
@@ -173,11 +176,9 @@ class TokenPipeline:
       epoch, skip = epoch + 1, 0
 
   def eval_batches(self) -> Iterator[Dict[str, np.ndarray]]:
-    n, b = len(self.tokens), self.pipe.batch_size
-    padded = -(-n // b) * b
-    index = np.arange(padded) % n
-    mask = (np.arange(padded) < n).astype(np.float32)
-    for s in range(0, padded, b):
+    b = self.pipe.batch_size
+    index, mask = eval_order(len(self.tokens), b)
+    for s in range(0, len(index), b):
       yield {**self._batch(index[s:s + b]), "mask": mask[s:s + b]}
 
 

@@ -13,6 +13,7 @@ optimizer only ever sees the trainable tree.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -25,42 +26,69 @@ Tree = Dict[str, Any]
 _HEAD = r"params/head/.*"
 
 
-def protocol_patterns(protocol: str, *, depth: Optional[int] = None) -> List[str]:
-  """The trainable-path patterns of a named protocol.
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """A named tuning protocol: which leaves train, and which extra modules the builder attaches.
+
+  modules: keyword arguments of `vpt_jax.models.heads.attach` ({} = none): mlp_layers (MLP-k's
+  k - 1 hidden layers), adapter, side.
+  """
+
+  name: str
+  patterns: Tuple[str, ...]
+  modules: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_PROTOCOLS = {
+    "vpt": ((r"prompts/.*", _HEAD), {}),
+    "linear": ((_HEAD,), {}),
+    "full": ((r".*",), {}),
+    "bias": ((r"params/.*/bias", _HEAD), {}),
+    "adapter": ((r"modules/hooks/adapter_\d+/.*", _HEAD), {"adapter": True}),
+    "side": ((r"modules/hooks/side/.*", _HEAD), {"side": True}),
+}
+
+
+def protocol(name: str, *, depth: Optional[int] = None) -> Protocol:
+  """The one registry of protocols (every name is parsed here, mlp-k and partial-k included).
 
   vpt: prompts + head. linear: head. full: everything. bias: every bias (BitFit, LayerNorm biases
   included) + head. partial-k (e.g. 'partial-2'): the last k blocks, the final norm and the head.
-  The baselines whose extra modules live in the 'modules' collection (`vpt_jax.models.heads`, which
-  the builder attaches by the same protocol name): mlp-k (k >= 2: the k - 1 hidden layers + head),
-  adapter (every layer's adapter + head), side (side network and its gate + head).
+  The baselines whose extra modules live in the 'modules' collection (`vpt_jax.models.heads`):
+  mlp-k (k >= 2: the k - 1 hidden layers + head), adapter (every layer's adapter + head), side
+  (side network and its gate + head).
   """
-  if protocol == "vpt":
-    return [r"prompts/.*", _HEAD]
-  if protocol == "linear":
-    return [_HEAD]
-  if protocol == "full":
-    return [r".*"]
-  if protocol == "bias":
-    return [r"params/.*/bias", _HEAD]
-  if protocol == "adapter":
-    return [r"modules/hooks/adapter_\d+/.*", _HEAD]
-  if protocol == "side":
-    return [r"modules/hooks/side/.*", _HEAD]
-  m = re.fullmatch(r"mlp-(\d+)", protocol)
+  if name in _PROTOCOLS:
+    patterns, modules = _PROTOCOLS[name]
+    return Protocol(name, patterns, modules)
+  m = re.fullmatch(r"mlp-(\d+)", name)
   if m:
-    if int(m.group(1)) < 2:
-      raise ValueError(f"protocol {protocol!r}: MLP-k needs k >= 2 (k = 1 is protocol 'linear')")
-    return [r"modules/hooks/mlp/.*", _HEAD]
-  m = re.fullmatch(r"partial-(\d+)", protocol)
+    k = int(m.group(1))
+    if k < 2:
+      raise ValueError(f"protocol {name!r}: MLP-k needs k >= 2 (k = 1 is protocol 'linear')")
+    return Protocol(name, (r"modules/hooks/mlp/.*", _HEAD), {"mlp_layers": k - 1})
+  m = re.fullmatch(r"partial-(\d+)", name)
   if m:
     k = int(m.group(1))
     if depth is None or not 0 < k <= depth:
-      raise ValueError(f"protocol {protocol!r} needs 1 <= k <= depth ({depth})")
+      raise ValueError(f"protocol {name!r} needs 1 <= k <= depth ({depth})")
     blocks = "|".join(str(i) for i in range(depth - k, depth))
-    return [rf"params/Transformer/encoderblock_({blocks})/.*", r"params/Transformer/encoder_norm/.*",
-            _HEAD]
-  raise ValueError(f"unknown protocol {protocol!r}; expected vpt, linear, full, bias, partial-k, "
+    return Protocol(name, (rf"params/Transformer/encoderblock_({blocks})/.*",
+                           r"params/Transformer/encoder_norm/.*", _HEAD))
+  raise ValueError(f"unknown protocol {name!r}; expected vpt, linear, full, bias, partial-k, "
                    "mlp-k, adapter or side")
+
+
+def protocol_patterns(name: str, *, depth: Optional[int] = None) -> List[str]:
+  """The trainable-path patterns of a named protocol (see `protocol`)."""
+  return list(protocol(name, depth=depth).patterns)
+
+
+def protocol_modules(name: str) -> Dict[str, Any]:
+  """Which modules a protocol attaches: {} for the protocols that need none."""
+  if name.startswith("partial-"):
+    return {}
+  return dict(protocol(name).modules)
 
 
 def leaf_paths(variables: Mapping[str, Any]) -> List[str]:

@@ -2,27 +2,39 @@
 
 Everything a run needs is derived and checked here before any compute or data loading, so a bad
 option (unknown key, impossible value, missing checkpoint) fails in a second with a message that
-names it. The trainer and `load_tuned` both build through this one function.
+names it. The training loop and `load_tuned` both build through this one function.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vpt_jax import checkpoints, features, partition, train
-from vpt_jax.models import heads, prompts
+from vpt_jax import prompts, utils
+from vpt_jax.models import heads
+from vpt_jax.models.hooks import hook_parts
 from vpt_jax.models.vit import VisionTransformer
+from vpt_jax.tuning import cache, optim, rules
+from vpt_jax.weights import download, npz
 
-_TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data", "batch_size", "seed",
-              "eval_every_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-              "modules", "cache_features"}
+_TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data",
+              "batch_size", "seed", "eval_every_epochs", "log_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints", "modules", "cache_features"}
+# Model fields that determine the parameters and their function (not execution choices such as
+# `fast_path` or `dtype`).
+ARCHITECTURE = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes",
+                "pool_type", "class_token", "posemb_cls_row", "representation_size", "in_channels")
+# Data options that change what the model sees for an image.
+PREPROCESSING = ("crop", "normalization", "resize_size")
+# Hook fields derived from the options and the execution choices (the prompt plan with its fast
+# path): not part of a fingerprint.
+_DERIVED_HOOK_FIELDS = ("parent", "name", "plan")
+FINGERPRINT_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -33,41 +45,53 @@ class Built:
   mask: Any
   backbone_file: str
   backbone_sha256: str
+  preprocessing: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def fingerprint(self) -> Dict[str, Any]:
-    """What a saved trainable subtree is only valid with: backbone identity and model config."""
+    """What a saved trainable subtree is only valid with: the backbone file, the architecture,
+    the prompt and module options, the preprocessing and the trainable leaves' shapes.
+
+    Only what determines the parameters and the function they compute: toggling an execution
+    choice (`model.fast_path`, `model.dtype`, cached features) keeps a workdir loadable.
+    """
     m = self.model
-    trainable, _ = partition.split(self.variables, self.mask)
+    trainable, _ = rules.split(self.variables, self.mask)
     module_hooks = heads.find_modules(m)
-    prompt_hooks = next((h for h in heads.hook_parts(m) if h is not module_hooks), None)
+    prompt_hooks = next((h for h in hook_parts(m.hooks) if h is not module_hooks), None)
     return {
+        "version": FINGERPRINT_VERSION,
         "backbone_sha256": self.backbone_sha256,
-        "model": {k: _jsonable(getattr(m, k)) for k in (
-            "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes",
-            "pool_type", "class_token", "posemb_cls_row", "representation_size", "in_channels")},
+        "model": {k: utils.jsonable(getattr(m, k)) for k in ARCHITECTURE},
         "prompt_hooks": _hook_fields(prompt_hooks),
-        "trainable": {p: list(x.shape) for p, x in zip(partition.leaf_paths(trainable),
-                                                         jax.tree.leaves(trainable))},
+        "preprocessing": utils.jsonable(self.preprocessing),
+        "trainable": {p: list(x.shape) for p, x in zip(rules.leaf_paths(trainable),
+                                                       jax.tree.leaves(trainable))},
     } | ({} if module_hooks is None else {"module_hooks": _hook_fields(module_hooks)})
 
 
 def _hook_fields(hooks: Any) -> Optional[Dict[str, Any]]:
   if hooks is None:
     return None
-  return {f.name: _jsonable(getattr(hooks, f.name)) for f in dataclasses.fields(hooks)
-          if f.name not in ("parent", "name")}
+  return {f.name: utils.jsonable(getattr(hooks, f.name)) for f in dataclasses.fields(hooks)
+          if f.name not in _DERIVED_HOOK_FIELDS}
 
 
-def _jsonable(v: Any) -> Any:
-  return json.loads(json.dumps(v, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+def comparable(saved: Dict[str, Any], current: Dict[str, Any]
+               ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """(saved, current) fingerprints in one format, to compare.
 
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 22):
-      h.update(chunk)
-  return h.hexdigest()
+  A fingerprint without 'version' was written by vpt_jax 0.1.0: it lacks the preprocessing and
+  holds the derived `kv_only_layers` among the prompt fields (which is why toggling
+  `model.fast_path` made such a workdir unloadable). Both drop what the old format lacks or
+  should not have had, so an old workdir restores onto the same options.
+  """
+  if "version" in saved:
+    return saved, current
+  old = json.loads(json.dumps(saved))
+  if old.get("prompt_hooks"):
+    old["prompt_hooks"].pop("kv_only_layers", None)
+  now = {k: v for k, v in current.items() if k not in ("version", "preprocessing")}
+  return old, now
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -89,14 +113,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config keep_checkpoints={config.keep_checkpoints} must be >= 1")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config model.dtype={config.model.dtype!r}: 'float32' or 'bfloat16'")
-  train.lr_schedule(config.optim, steps_per_epoch=1)  # checks lr / epochs / warmup
+  optim.lr_schedule(config.optim, steps_per_epoch=1)  # checks lr / epochs / warmup
   if config.optim.name not in ("sgd", "adamw"):
     raise ValueError(f"config optim.name={config.optim.name!r}: expected 'sgd' or 'adamw'")
   if "modules" in config:
     heads.check_config(config.modules)
-  heads.protocol_modules(config.protocol)  # checks mlp-k's k
+  rules.protocol_modules(config.protocol)  # checks the protocol's name (and mlp-k's k)
   if "cache_features" in config:
-    features.cache_mode(config.cache_features)
+    cache.cache_mode(config.cache_features)
 
 
 def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None) -> Built:
@@ -110,8 +134,8 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
   if num_classes <= 0:
     raise ValueError(f"config model.num_classes={num_classes} must be > 0 (0 = from the data, "
                      "resolved by the trainer)")
-  path, _ = checkpoints.resolve(mcfg.checkpoint)
-  base, variables = checkpoints.load_pretrained(
+  path, _ = download.resolve(mcfg.checkpoint)
+  base, variables = npz.load_pretrained(
       mcfg.checkpoint, image_size=mcfg.image_size or None, num_classes=num_classes,
       drop_pre_logits=mcfg.drop_pre_logits, dtype=jnp.dtype(mcfg.dtype))
   base = base.clone(fast_path=mcfg.fast_path)  # read by prompts.attach too
@@ -127,14 +151,16 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
     variables = prompts.load_masks(variables, config.prompt)
   model, variables = _attach_modules(config, model, variables, rng)
   patterns = trainable_patterns(config, model)
-  mask = partition.label(variables, patterns)
+  mask = rules.label(variables, patterns)
   return Built(model=model, variables=variables, patterns=patterns, mask=mask,
-               backbone_file=path, backbone_sha256=file_sha256(path))
+               backbone_file=path, backbone_sha256=download.file_sha256(path),
+               preprocessing={k: config.data[k] for k in PREPROCESSING
+                              if "data" in config and k in config.data})
 
 
 def trainable_patterns(config: ml_collections.ConfigDict, model: VisionTransformer) -> List[str]:
   """The run's trainable rule: `config.trainable` if given, else its protocol's patterns."""
-  return list(config.trainable) or partition.protocol_patterns(config.protocol, depth=model.depth)
+  return list(config.trainable) or rules.protocol_patterns(config.protocol, depth=model.depth)
 
 
 def _attach_modules(config: ml_collections.ConfigDict, model: VisionTransformer,
@@ -143,7 +169,7 @@ def _attach_modules(config: ml_collections.ConfigDict, model: VisionTransformer,
 
   Their own key (fold 1 of the run's) keeps the prompts' initial values independent of them.
   """
-  spec = heads.protocol_modules(config.protocol)
+  spec = rules.protocol_modules(config.protocol)
   if not spec:
     return model, variables
   cfg = config.modules if "modules" in config else heads.default_config()
@@ -160,7 +186,8 @@ def _attach_modules(config: ml_collections.ConfigDict, model: VisionTransformer,
   return model, variables
 
 
-def describe_difference(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = "") -> List[str]:
+def describe_difference(saved: Dict[str, Any], current: Dict[str, Any],
+                        prefix: str = "") -> List[str]:
   """Human-readable list of the keys whose values differ between two fingerprints."""
   out = []
   for k in sorted(set(saved) | set(current)):

@@ -3,7 +3,7 @@
 The masks are the 'prompt_masks' variables that `prompt.masks=True` adds to the VPT hooks: a token
 mask (p,) and a segment mask (p, R), shared by every prompted layer. Both multiply the prompts, so
 at all-ones they change nothing and their gradient says how much the loss depends on each token
-and segment. The procedure, run end to end by `python -m vpt_jax.prune`:
+and segment. The procedure, run end to end by `prune_pipeline` (`python -m vpt_jax.prune`):
 
 1. train the dense model (prompts with masks of ones);
 2. `importance`: S = E_x |dL(x)/d rho| for every mask entry rho, from per-example gradients over
@@ -31,12 +31,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vpt_jax import partition
-from vpt_jax.models import prompts
-from vpt_jax.train import cross_entropy
+from vpt_jax import utils
+from vpt_jax.prompts import e2vpt
+from vpt_jax.tasks.classification import cross_entropy
+from vpt_jax.tuning import rules
 
 Tree = Dict[str, Any]
-MASKS = "prompt_masks"
+MASKS = e2vpt.COLLECTION
 REWIND_INITS = ("fresh", "initial")
 
 
@@ -54,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
-  prompts.check_options(cfg, default_config(), "prune")
+  utils.check_options(cfg, default_config(), "prune")
   for key in ("token_fraction", "segment_fraction"):
     if not 0.0 <= cfg[key] < 1.0:
       raise ValueError(f"config prune.{key}={cfg[key]} must be in [0, 1)")
@@ -75,7 +76,7 @@ def make_importance_step(model: Any, *, train: bool = True) -> Callable:
   """
 
   def example_loss(masks, trainable, rest, image, label, rng):
-    variables = partition.merge(trainable, {**rest, MASKS: masks})
+    variables = rules.merge(trainable, {**rest, MASKS: masks})
     logits = model.apply(variables, image[None], train=train, rngs={"dropout": rng})
     return cross_entropy(logits, label[None])[0]
 
@@ -184,7 +185,7 @@ def expand(packed: Mapping[str, np.ndarray], *, width: int, segments: int
 
 def pruned_count(trainable: Tree, masks: Mapping[str, np.ndarray]) -> int:
   """Trainable scalars once pruned: the masked-off prompt entries are not parameters."""
-  total = partition.count(trainable)
+  total = rules.count(trainable)
   tokens = trainable.get("prompts", {}).get("hooks", {}).get("tokens")
   if tokens is None:
     return total

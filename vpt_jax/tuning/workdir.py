@@ -1,11 +1,13 @@
-"""Orbax checkpoints of what trains, never of the frozen backbone; and `load_tuned`.
+"""A run's workdir: orbax checkpoints of what trains (never the frozen backbone), its config,
+and `load_tuned`.
 
 Layout of a workdir:
 
     config.json              the resolved config of the run
-    checkpoints/last/<step>/ the last `keep_checkpoints` states (trainable tree, optimizer, step, RNG)
+    checkpoints/last/<step>/ the last `keep_checkpoints` states (trainable tree, optimizer, step,
+                             RNG)
     checkpoints/best/<step>/ the state with the best validation top-1
-    each with meta/ holding the backbone fingerprint (file sha256 + model config + trainable shapes)
+    each with meta/ holding the run's fingerprint (`build.Built.fingerprint`)
 
 A checkpoint restores only onto the backbone and model it was made with: anything else is refused
 with the list of what differs. A prompt checkpoint plus the public backbone is a complete model:
@@ -14,15 +16,19 @@ with the list of what differs. A prompt checkpoint plus the public backbone is a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vpt_jax import builder, partition, train
+from vpt_jax import prompts
+from vpt_jax.data import sources
+from vpt_jax.models import heads
+from vpt_jax.tuning import build, optim, pruning, rules, steps
 
 CONFIG_FILE = "config.json"
 
@@ -31,7 +37,7 @@ class FingerprintMismatch(ValueError):
   """A checkpoint was made on another backbone or model than the one it is restored onto."""
 
 
-def _state_tree(state: train.TrainState) -> Dict[str, Any]:
+def _state_tree(state: steps.TrainState) -> Dict[str, Any]:
   return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
           "rng": state.rng}
 
@@ -50,11 +56,11 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
                                              best_fn=lambda m: m["val_top1"], best_mode="max"))
 
-  def _args(self, state: train.TrainState):
+  def _args(self, state: steps.TrainState):
     return ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
                               meta=ocp.args.JsonSave({"fingerprint": self.fingerprint}))
 
-  def save(self, state: train.TrainState, val_top1: Optional[float] = None) -> None:
+  def save(self, state: steps.TrainState, val_top1: Optional[float] = None) -> None:
     step = int(state.step)
     self.last.save(step, args=self._args(state), force=True)
     if val_top1 is not None:
@@ -64,8 +70,8 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.last.latest_step()
 
-  def restore(self, abstract_state: train.TrainState, *, which: str = "last",
-              step: Optional[int] = None) -> Optional[train.TrainState]:
+  def restore(self, abstract_state: steps.TrainState, *, which: str = "last",
+              step: Optional[int] = None) -> Optional[steps.TrainState]:
     """The saved state (on the shardings of `abstract_state`), or None if there is none."""
     mngr = self.last if which == "last" else self.best
     step = step if step is not None else (
@@ -76,14 +82,14 @@ class Checkpointer:
     check_fingerprint(meta["fingerprint"], self.fingerprint, where=f"{mngr.directory}/{step}")
     # Restore onto the shardings of the abstract state (or replicated over this process's devices),
     # never onto the saved ones: a run may resume on another number of devices.
-    replicated, _ = train.mesh_shardings()
+    replicated, _ = steps.mesh_shardings()
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, "sharding", None) or replicated),
         _state_tree(abstract_state))
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target))).state
-    return train.TrainState(**restored)
+    return steps.TrainState(**restored)
 
   def wait(self) -> None:
     self.last.wait_until_finished()
@@ -95,8 +101,11 @@ class Checkpointer:
 
 
 def check_fingerprint(saved: Dict[str, Any], current: Dict[str, Any], *, where: str) -> None:
+  """Raises `FingerprintMismatch` listing what differs (old-format fingerprints are compared in
+  their own terms, `build.comparable`)."""
+  saved, current = build.comparable(saved, current)
   if saved != current:
-    diff = builder.describe_difference(saved, current)
+    diff = build.describe_difference(saved, current)
     raise FingerprintMismatch(
         f"checkpoint {where} was made on a different backbone or model and cannot be restored "
         f"onto this one:\n  " + "\n  ".join(diff[:10])
@@ -124,13 +133,9 @@ def with_new_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
   Their defaults reproduce the behaviour of the version that wrote the config (no masks, no
   modules, same prompt-init seed), so a workdir of an older vpt_jax still loads.
   """
-  # pylint: disable=g-import-not-at-top
-  from vpt_jax import pruning
-  from vpt_jax.data import sources
-  from vpt_jax.models import heads, prompts
   sections = {"prompt": prompts.default_config(), "prune": pruning.default_config(),
               "modules": heads.default_config(), "data": sources.default_config(),
-              "optim": train.default_optim_config()}
+              "optim": optim.default_optim_config()}
   out = dict(saved)
   for name, default in sections.items():
     out[name] = {**default.to_dict(), **out.get(name, {})}
@@ -139,8 +144,36 @@ def with_new_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
-def load_tuned(workdir: str, *, which: str = "best") -> Tuple[Any, Dict[str, Any]]:
-  """(model, variables) of a tuned run: its public backbone plus its saved trainable leaves.
+@dataclasses.dataclass
+class Tuned:
+  """Everything a consumer of a tuned run needs (prune, plots, predict, serving).
+
+  Unpacks as `model, variables = load_tuned(workdir)`, the form older code used.
+  """
+
+  model: Any
+  variables: Dict[str, Any]
+  config: ml_collections.ConfigDict
+  mask: Any                      # the trainable rule's bool tree over `variables`
+  backbone_sha256: str
+
+  def __iter__(self) -> Iterator[Any]:
+    return iter((self.model, self.variables))
+
+  def split(self):
+    """(trainable, frozen) trees of the variables."""
+    return rules.split(self.variables, self.mask)
+
+  def preprocess(self, *, train: bool = False) -> Callable:
+    """The run's preprocessing (`vpt_jax.data.pipeline.make_preprocess`) at the model's size."""
+    # pylint: disable-next=g-import-not-at-top; the pipeline imports TensorFlow (heavy), which
+    # loading a run does not otherwise need.
+    from vpt_jax.data import pipeline
+    return pipeline.make_preprocess(self.config.data, self.model.image_size[0], train=train)
+
+
+def load_tuned(workdir: str, *, which: str = "best") -> Tuned:
+  """A tuned run: its public backbone plus its saved trainable leaves (`Tuned`).
 
   which: 'best' (best validation top-1; falls back to 'last' if the run had no validation) or
   'last'. `model.apply(variables, images)` then predicts like the trained model.
@@ -148,10 +181,10 @@ def load_tuned(workdir: str, *, which: str = "best") -> Tuple[Any, Dict[str, Any
   if which not in ("best", "last"):
     raise ValueError(f"which={which!r}: 'best' or 'last'")
   config = read_config(workdir)
-  built = builder.build(config)
-  trainable, frozen = partition.split(built.variables, built.mask)
-  tx, _ = train.make_optimizer(config.optim, steps_per_epoch=1)
-  abstract = jax.eval_shape(lambda t: train.create_train_state(t, tx, jax.random.PRNGKey(0)),
+  built = build.build(config)
+  trainable, frozen = rules.split(built.variables, built.mask)
+  tx, _ = optim.make_optimizer(config.optim, steps_per_epoch=1)
+  abstract = jax.eval_shape(lambda t: steps.create_train_state(t, tx, jax.random.PRNGKey(0)),
                             trainable)
   ckpt = Checkpointer(workdir, built.fingerprint())
   try:
@@ -162,4 +195,5 @@ def load_tuned(workdir: str, *, which: str = "best") -> Tuple[Any, Dict[str, Any
     ckpt.close()
   if state is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint saved yet")
-  return built.model, partition.merge(state.trainable, frozen)
+  return Tuned(built.model, rules.merge(state.trainable, frozen), config, built.mask,
+               built.backbone_sha256)

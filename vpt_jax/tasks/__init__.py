@@ -1,0 +1,1 @@
+"""What is specific to a task type (losses, metrics, inference): classification, segmentation."""

@@ -1,0 +1,1 @@
+"""The library behind every protocol: trainable rule, optimizer, steps, cache, pruning, runs."""

@@ -1,0 +1,1 @@
+"""Published weights in: readers of the original file formats, the model zoo, downloads."""
