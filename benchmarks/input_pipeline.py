@@ -22,12 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from vpt_jax.tuning import rules
-from vpt_jax.tuning import optim
-from vpt_jax.tuning import steps
-from vpt_jax.weights.npz import Architecture
-from vpt_jax.data import pipeline, sources
 from vpt_jax import prompts
+from vpt_jax.data import pipeline, sources
+from vpt_jax.tuning import optim, rules, steps
+from vpt_jax.weights.npz import Architecture
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -59,7 +57,7 @@ def pipeline_rate(split, crop: str, size: int, batch: int, steps: int) -> dict:
           "cached": pipe._cached is not None}  # pylint: disable=protected-access
 
 
-def step_rate(arch: Architecture, batch: int, steps: int = 3) -> float:
+def step_rate(arch: Architecture, batch: int, n_steps: int = 3) -> float:
   cfg = prompts.default_config()
   model = prompts.attach(arch.model(), cfg)
   x = jnp.zeros((batch, *arch.image_size, 3), jnp.float32)
@@ -73,10 +71,10 @@ def step_rate(arch: Architecture, batch: int, steps: int = 3) -> float:
   state, m = step(state, frozen, batch_d)
   jax.block_until_ready(m)
   t = time.perf_counter()
-  for _ in range(steps):
+  for _ in range(n_steps):
     state, m = step(state, frozen, batch_d)
   jax.block_until_ready(m)
-  return batch * steps / (time.perf_counter() - t)
+  return batch * n_steps / (time.perf_counter() - t)
 
 
 ARCHS = {

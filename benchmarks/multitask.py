@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import vpt_jax
-from vpt_jax import serving
+from vpt_jax import prompts, serving
 from vpt_jax.weights.npz import Architecture
-from vpt_jax import prompts
 
 CLASSES = (10, 37, 100, 397, 47, 102, 2, 200)   # a spread of VTAB-like class counts
 

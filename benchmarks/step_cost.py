@@ -5,8 +5,8 @@
 
 Prints one JSON line. For each model, protocol (VPT-shallow p=50, VPT-deep p=50, full
 fine-tuning, linear probe = the plain ViT's forward) and execution path (`fast`: compute only
-what the output needs; `straightforward`: every row of every layer): forward and train-step FLOPs from XLA's cost analysis (the step includes the
-gradient-norm logging the trainer does), their ratio, the compiled step's memory, images/s over
+what the output needs; `straightforward`: every row of every layer): forward and train-step FLOPs
+from XLA's cost analysis (the step includes the gradient-norm logging the trainer does), their ratio, the compiled step's memory, images/s over
 timed steps, and the FLOP/s achieved; plus the machine's large-matmul FLOP/s measured in the same
 run. Targets (issue 3): VPT step <= 2.05x its forward FLOPs; achieved >= 80% of the matmul FLOP/s.
 Targets (issue 9): VPT-deep fast forward <= 1.05x the plain ViT's forward FLOPs; VPT-deep fast
@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vpt_jax.tuning import rules
-from vpt_jax.tuning import optim
-from vpt_jax.tuning import steps
-from vpt_jax.weights.npz import Architecture
 from vpt_jax import prompts
+from vpt_jax.tuning import optim, rules, steps
+from vpt_jax.weights.npz import Architecture
 
 MODELS = {
     "tiny": Architecture(patch_size=(4, 4), in_channels=3, width=64, depth=2, num_heads=4,
@@ -59,7 +57,7 @@ def matmul_flops_per_s(n: int = 4096, reps: int = 5) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, steps: int,
+def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, n_steps: int,
             fast: bool) -> dict:
   model = arch.model(fast_path=fast)
   if prompt_kw is not None:
@@ -72,8 +70,8 @@ def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, steps: int
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
   mask = rules.label(variables, rules.protocol_patterns(protocol))
   trainable, frozen = rules.split(variables, mask)
-  optim = optim.default_optim_config()
-  tx, schedule = optim.make_optimizer(optim, steps_per_epoch=100)
+  ocfg = optim.default_optim_config()
+  tx, schedule = optim.make_optimizer(ocfg, steps_per_epoch=100)
   state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(1))
   batch_d = {"image": images, "label": labels}
 
@@ -88,10 +86,10 @@ def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, steps: int
   state, m = step(state, frozen, batch_d)  # warm-up
   jax.block_until_ready(m)
   t = time.perf_counter()
-  for _ in range(steps):
+  for _ in range(n_steps):
     state, m = step(state, frozen, batch_d)
   jax.block_until_ready(m)
-  dt = (time.perf_counter() - t) / steps
+  dt = (time.perf_counter() - t) / n_steps
   return {
       "trainable_params": rules.count(trainable),
       "fwd_gflops": round(fwd_flops / 1e9, 3),

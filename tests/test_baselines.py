@@ -18,11 +18,8 @@ import numpy_vit
 import vpt_jax
 from configs import demo
 from conftest import data_path, load_io
-from vpt_jax.tuning import build
-from vpt_jax.tuning import rules
-from vpt_jax.tuning import optim
-from vpt_jax.tuning import steps
 from vpt_jax.models import heads
+from vpt_jax.tuning import build, optim, rules, steps
 
 # demo-vit: 32x32 images, patch 4 (64 patches), width 64, 4 layers, MLP 192, class token; 10 classes.
 D, DEPTH, MLP, P, N, K = 64, 4, 192, 4, 64, 10

@@ -17,8 +17,7 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io, load_raw
-from vpt_jax.weights import npz
-from vpt_jax.weights import download
+from vpt_jax.weights import download, npz
 from vpt_jax.weights.download import CheckpointError
 
 VITJAX = data_path("vitjax_token.npz")

@@ -11,9 +11,9 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io
+from vpt_jax import prompts
 from vpt_jax.tuning import rules
 from vpt_jax.weights.npz import Architecture
-from vpt_jax import prompts
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 BASE, BASE_VARS = vpt_jax.load_pretrained(data_path("vitjax_token.npz"))  # 2 layers, 4 heads

@@ -11,10 +11,10 @@ import pytest
 
 import vpt_jax
 from conftest import data_path, load_io
-from vpt_jax.tuning import rules
 from vpt_jax import prompts
 from vpt_jax.models.vit import VisionTransformer
 from vpt_jax.tasks.classification import cross_entropy
+from vpt_jax.tuning import rules
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 LABELS = jnp.array([0, 3, 1, 4])

@@ -6,10 +6,8 @@ import pytest
 
 import vpt_jax
 from configs import demo
-from vpt_jax.tuning import build
-from vpt_jax.tuning import cache
-from vpt_jax.tuning import loop
 from vpt_jax.data import pipeline, sources
+from vpt_jax.tuning import build, cache, loop
 
 DEPTH = 4  # demo-vit
 

@@ -13,11 +13,9 @@ import pytest
 
 from configs import demo
 from conftest import ROOT
-from vpt_jax.tuning import workdir as workdir_lib
-from vpt_jax.tuning import rules
-from vpt_jax.tuning import sweeps
-from vpt_jax.tuning import loop
 from vpt_jax.data import pipeline, sources
+from vpt_jax.tuning import loop, rules, sweeps
+from vpt_jax.tuning import workdir as workdir_lib
 
 # Small, fast settings on the shipped random tiny ViT (the real demo uses `demo-vit`).
 FAST = "model.checkpoint=tiny-random,optim.epochs=2,optim.warmup_epochs=0,eval_every_epochs=1," \

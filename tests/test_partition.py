@@ -7,8 +7,8 @@ import pytest
 
 import vpt_jax
 from conftest import data_path
-from vpt_jax.tuning import rules
 from vpt_jax import prompts
+from vpt_jax.tuning import rules
 
 
 @pytest.fixture(scope="module")

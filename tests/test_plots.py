@@ -13,9 +13,9 @@ from PIL import Image
 import vpt_jax
 from configs import demo
 from conftest import ROOT
+from vpt_jax import prompts
 from vpt_jax.analysis import plots
 from vpt_jax.tuning import loop
-from vpt_jax import prompts
 
 FAST = "model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_every_epochs=1," \
        "batch_size=200,log_every_steps=1,prompt.length=4"

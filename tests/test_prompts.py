@@ -11,10 +11,10 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io
-from vpt_jax.tuning import rules
-from vpt_jax.weights.npz import Architecture
 from vpt_jax import prompts
 from vpt_jax.models.vit import VisionTransformer
+from vpt_jax.tuning import rules
+from vpt_jax.weights.npz import Architecture
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 LOGITS = load_io("vitjax_token.io.npz")["logits"]

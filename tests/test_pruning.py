@@ -12,10 +12,9 @@ from flax import traverse_util
 import numpy_vit
 import vpt_jax
 from conftest import ATOL, RTOL, data_path, load_io
-from vpt_jax.tuning import rules
-from vpt_jax.tuning import pruning
 from vpt_jax import prompts
 from vpt_jax.tasks.classification import cross_entropy
+from vpt_jax.tuning import pruning, rules
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 BASE, BASE_VARS = vpt_jax.load_pretrained(data_path("vitjax_token.npz"), num_classes=5)
@@ -194,9 +193,9 @@ def test_mask_file_errors_name_the_option(tmp_path):
   cfg.update(segments=16, location="add")
   with pytest.raises(ValueError, match="need prompt.masks=True, prompt.location='prepend'"):
     prompts.attach(BASE, cfg)
-  with pytest.raises(ValueError, match="prune_pipeline.token_fraction=1.0"):
+  with pytest.raises(ValueError, match="prune.token_fraction=1.0"):
     pruning.check_config(_with(token_fraction=1.0))
-  with pytest.raises(ValueError, match="prune_pipeline.rewind_init='again'"):
+  with pytest.raises(ValueError, match="prune.rewind_init='again'"):
     pruning.check_config(_with(rewind_init="again"))
 
 
@@ -212,7 +211,7 @@ def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   from vpt_jax.data import pipeline, sources
   from vpt_jax.tuning.steps import evaluate, make_eval_step, mesh_shardings
   c = demo.get_config("vpt-deep,prompt.kv_length=2,optim.epochs=2,optim.warmup_epochs=1,"
-                      "eval_every_epochs=1,prune_pipeline.token_fraction=0.5,prune_pipeline.segment_fraction=0.25")
+                      "eval_every_epochs=1,prune.token_fraction=0.5,prune.segment_fraction=0.25")
   workdir = str(tmp_path / "prune")
   summary = prune_pipeline.run(c, workdir)
   for name in ("dense/results.json", "scores.npz", "masks.npz", "rewind/results.json",
@@ -255,5 +254,5 @@ def test_unknown_prune_option_is_named():
   c = pruning.default_config()
   c.unlock()
   c.token_frac = 0.5
-  with pytest.raises(ValueError, match="unknown config option.*prune_pipeline.token_frac"):
+  with pytest.raises(ValueError, match="unknown config option.*prune.token_frac"):
     pruning.check_config(c)

@@ -8,10 +8,9 @@ import os
 import pytest
 
 from conftest import ROOT
-from vpt_jax.analysis import report
 from vpt_jax import report as report_cmd
-from vpt_jax.tuning import sweeps
-from vpt_jax.tuning import loop
+from vpt_jax.analysis import report
+from vpt_jax.tuning import loop, sweeps
 from configs import demo
 
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -56,7 +55,7 @@ def test_grid_selection_and_final_runs(protocol):
 def test_protocol_is_resumable_and_never_reruns_a_finished_point(protocol, capsys,
                                                                  monkeypatch):
   wd, s = protocol
-  monkeypatch.setattr(train, "train_and_evaluate",
+  monkeypatch.setattr(loop, "train_and_evaluate",
                       lambda *a, **k: pytest.fail("a finished run was started again"))
   again = sweeps.run_protocol(DEMO, f"vpt-deep,{FAST}", wd, lr_grid=["1.0", "4.0"],
                              wd_grid=["0.0", "0.001"], seeds=["0", "1"])

@@ -10,9 +10,8 @@ import pytest
 
 import vpt_jax
 from configs import demo
-from vpt_jax import serving
+from vpt_jax import prompts, serving
 from vpt_jax.tuning import loop
-from vpt_jax import prompts
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 FAST = "model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_every_epochs=1," \

@@ -10,10 +10,9 @@ import pytest
 
 import vpt_jax
 from conftest import data_path, load_io
-from vpt_jax.tuning import rules
-from vpt_jax.tuning import optim
-from vpt_jax.tuning import steps
 from vpt_jax import prompts
+from vpt_jax.tuning import rules, steps
+from vpt_jax.tuning import optim as optim_lib
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 BATCH = {"image": IMAGES, "label": np.array([0, 3, 7, 9], np.int32)}
@@ -21,7 +20,7 @@ STEPS_PER_EPOCH = 4
 
 
 def optim(**kw):
-  cfg = optim.default_optim_config()
+  cfg = optim_lib.default_optim_config()
   cfg.update(dict(warmup_epochs=0, epochs=2, lr=0.5, wd=1e-2) | kw)
   return cfg
 
@@ -36,7 +35,7 @@ def setup():
   variables = {**v, "prompts": prompts.init_prompts(model, jax.random.PRNGKey(0))}
   mask = rules.label(variables, rules.protocol_patterns("vpt"))
   trainable, frozen = rules.split(variables, mask)
-  tx, schedule = optim.make_optimizer(optim(), STEPS_PER_EPOCH)
+  tx, schedule = optim_lib.make_optimizer(optim(), STEPS_PER_EPOCH)
   step = jax.jit(steps.make_train_step(model, tx, schedule))
   return dict(model=model, variables=variables, trainable=trainable, frozen=frozen, tx=tx,
               schedule=schedule, step=step)
@@ -119,14 +118,14 @@ def test_sgd_is_torch_sgd_with_coupled_l2(setup):
 
 def test_adamw_and_gradient_clipping(setup):
   model, frozen, trainable = setup["model"], setup["frozen"], setup["trainable"]
-  tx, _ = optim.make_optimizer(optim(name="adamw", lr=1e-3, wd=0.05), STEPS_PER_EPOCH)
+  tx, _ = optim_lib.make_optimizer(optim(name="adamw", lr=1e-3, wd=0.05), STEPS_PER_EPOCH)
   state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(1))
   new, metrics = jax.jit(steps.make_train_step(model, tx))(state, frozen, BATCH)
   assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.trainable),
                                                        jax.tree.leaves(trainable)))
   # Clipping to c with plain SGD (no decay, no momentum) moves the tree by exactly lr * c.
   c, lr = 1e-3, 0.5
-  tx, _ = optim.make_optimizer(optim(wd=0.0, momentum=0.0, grad_clip=c, lr=lr), STEPS_PER_EPOCH)
+  tx, _ = optim_lib.make_optimizer(optim(wd=0.0, momentum=0.0, grad_clip=c, lr=lr), STEPS_PER_EPOCH)
   state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(1))
   new, metrics = jax.jit(steps.make_train_step(model, tx))(state, frozen, BATCH)
   delta = jax.tree.map(lambda a, b: a - b, new.trainable, trainable)
@@ -135,24 +134,24 @@ def test_adamw_and_gradient_clipping(setup):
 
 
 def test_learning_rate_schedule():
-  sched = optim.lr_schedule(optim(lr=0.2, warmup_epochs=1, epochs=3), steps_per_epoch=10)
+  sched = optim_lib.lr_schedule(optim(lr=0.2, warmup_epochs=1, epochs=3), steps_per_epoch=10)
   assert float(sched(0)) == 0.0
   assert float(sched(5)) == pytest.approx(0.1)
   assert float(sched(10)) == pytest.approx(0.2)
   assert float(sched(20)) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-5)
   assert float(sched(30)) == pytest.approx(0.0, abs=1e-7)
   with pytest.raises(ValueError, match=r"optim.lr=0"):
-    optim.lr_schedule(optim(lr=0), 10)
+    optim_lib.lr_schedule(optim(lr=0), 10)
   with pytest.raises(ValueError, match=r"optim.warmup_epochs=5"):
-    optim.lr_schedule(optim(warmup_epochs=5, epochs=5), 10)
+    optim_lib.lr_schedule(optim(warmup_epochs=5, epochs=5), 10)
   with pytest.raises(ValueError, match=r"optim.name='lamb'"):
-    optim.make_optimizer(optim(name="lamb"), 10)
+    optim_lib.make_optimizer(optim(name="lamb"), 10)
 
 
 def _step_flops(model, variables, protocol):
   mask = rules.label(variables, rules.protocol_patterns(protocol, depth=2))
   trainable, frozen = rules.split(variables, mask)
-  tx, schedule = optim.make_optimizer(optim(), STEPS_PER_EPOCH)
+  tx, schedule = optim_lib.make_optimizer(optim(), STEPS_PER_EPOCH)
   state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(0))
   step = jax.jit(steps.make_train_step(model, tx, schedule)).lower(state, frozen, BATCH).compile()
   fwd = jax.jit(model.apply).lower(variables, IMAGES).compile()

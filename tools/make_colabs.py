@@ -42,9 +42,8 @@ import numpy as np
 from IPython.display import Image, display
 
 import vpt_jax
-from vpt_jax.tuning import rules
 from vpt_jax.analysis import plots
-from vpt_jax.tuning import loop
+from vpt_jax.tuning import loop, rules
 from vpt_jax.weights import zoo
 print("JAX devices:", jax.devices())
 print("workdir:", WORKDIR)

@@ -24,12 +24,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vpt_jax.weights import npz
-from vpt_jax.tuning import rules
-from vpt_jax.tuning import optim
-from vpt_jax.tuning import steps
 from vpt_jax.data import shapes  # pylint: disable=g-import-not-at-top
 from vpt_jax.models.vit import VisionTransformer  # pylint: disable=g-import-not-at-top
+from vpt_jax.tuning import optim, rules, steps
+from vpt_jax.weights import npz
 
 ARCH = dict(image_size=(32, 32), patch_size=(4, 4), width=64, depth=4, num_heads=4, mlp_dim=192,
             num_classes=len(shapes.SHAPE_CLASSES), pool_type="token", class_token=True,
@@ -59,11 +57,11 @@ def main() -> None:
   variables = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, 32, 32, 3)))
   mask = rules.label(variables, rules.protocol_patterns("full"))
   trainable, frozen = rules.split(variables, mask)
-  optim = optim.default_optim_config()
-  optim.update(dict(name="adamw", lr=1e-3, wd=0.05, warmup_epochs=1, epochs=args.epochs,
+  ocfg = optim.default_optim_config()
+  ocfg.update(dict(name="adamw", lr=1e-3, wd=0.05, warmup_epochs=1, epochs=args.epochs,
                     wd_exclude=(r".*/bias", r".*/scale", r"params/pos_embedding", r"params/cls")))
-  steps = args.per_epoch // args.batch
-  tx, schedule = optim.make_optimizer(optim, steps)
+  spe = args.per_epoch // args.batch
+  tx, schedule = optim.make_optimizer(ocfg, spe)
   state = steps.create_train_state(trainable, tx, jax.random.PRNGKey(args.seed + 1))
   step = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=(0,))
   apply = jax.jit(model.apply)
@@ -74,7 +72,7 @@ def main() -> None:
     x, y = shapes.make_shapes(args.per_epoch, seed=args.seed * 1000 + epoch)
     order = np.random.default_rng([args.seed, epoch]).permutation(len(y))
     losses = []
-    for b in range(steps):
+    for b in range(spe):
       idx = order[b * args.batch:(b + 1) * args.batch]
       batch = {"image": x[idx].astype(np.float32) / 127.5 - 1.0, "label": y[idx]}
       state, metrics = step(state, frozen, batch)

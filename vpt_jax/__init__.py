@@ -19,5 +19,5 @@ from vpt_jax.weights.download import CheckpointError
 from vpt_jax.weights.npz import inspect, load_pretrained
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "EncoderHooks", "Hooks", "LayerInput", "Tuned", "VisionTransformer",
-           "attach", "inspect", "load_pretrained", "load_tuned", "zoo"]
+__all__ = ["CheckpointError", "EncoderHooks", "Hooks", "LayerInput", "Tuned",
+           "VisionTransformer", "attach", "inspect", "load_pretrained", "load_tuned", "zoo"]

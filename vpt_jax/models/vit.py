@@ -1,6 +1,6 @@
 """A linen Vision Transformer whose parameter tree is the one of the original checkpoints.
 
-Parameter tree (linen names; `vpt_jax.checkpoints` maps both published file layouts onto it):
+Parameter tree (linen names; `vpt_jax.weights.npz` maps both published file layouts onto it):
 
     embedding/{kernel,bias}          patch-embedding conv, kernel HWIO
     cls                              (1, 1, D), when `class_token`
