@@ -104,6 +104,10 @@ def pytest_terminal_summary(terminalreporter, config):
     tr.write_line(f"{s:8.1f}s {100 * s / total:5.1f}%  {path}")
   tr.write_line(f"{total:8.1f}s summed; {wall:.0f}s wall; budget {BUDGET_S:.0f}s wall on a slow "
                 "2-core host (README, Development)")
+  if os.environ.get("VPT_JAX_CI_START"):  # set by .ci/run
+    install = _START[0] - float(os.environ["VPT_JAX_CI_START"])
+    tr.write_line(f"CI: {install:.0f}s venv + install + start-up before the first test, "
+                  f"{wall:.0f}s tests")
   if wall > BUDGET_S:
     tr.write_line(f"over the time budget by {wall - BUDGET_S:.0f}s: see the slowest files above",
                   yellow=True, bold=True)
