@@ -1,6 +1,7 @@
 """Shared test setup: a persistent compilation cache, exact float32 matmuls, fixture paths."""
 
 import os
+import re
 import time
 
 import jax
@@ -57,25 +58,57 @@ def write_npz(tmp_path):
 BUDGET_S = float(os.environ.get("VPT_JAX_TEST_BUDGET_S", 420))
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
+def _shared_fixture_tests(path: str) -> frozenset:
+  """Names of the tests in `path` that use a module- or session-scoped fixture, directly or
+  through other fixtures of the file (read from the source, as the xdist controller collects
+  nothing)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+  except (OSError, SyntaxError):
+    return frozenset()
+  fixtures, shared = {}, set()
+  for node in tree.body:
+    if not isinstance(node, ast.FunctionDef):
+      continue
+    for dec in node.decorator_list:
+      if "fixture" in ast.unparse(dec):
+        fixtures[node.name] = {a.arg for a in node.args.args}
+        if re.search(r"scope\s*=\s*['\"](module|session)['\"]", ast.unparse(dec)):
+          shared.add(node.name)
+  changed = True
+  while changed:  # fixtures that use a shared fixture share it too
+    changed = False
+    for name, args in fixtures.items():
+      if name not in shared and args & shared:
+        shared.add(name)
+        changed = True
+  return frozenset(node.name for node in tree.body
+                   if isinstance(node, ast.FunctionDef) and node.name.startswith("test")
+                   and {a.arg for a in node.args.args} & shared)
+
+
+def pytest_xdist_make_scheduler(config, log):
   """Tests that share a module- or session-scoped fixture run on one xdist worker.
 
   Each worker builds its own fixtures, so a trained workdir shared by four tests would otherwise
-  be trained once per worker. With `--dist loadgroup` (pytest.ini) an xdist_group keeps them
-  together; tests without shared fixtures still spread over the workers one by one.
+  be trained once per worker. Such tests are scheduled as one unit per file; every other test is
+  sent on its own, as `--dist load` does. (xdist's own `loadgroup` cannot be used: it renames node
+  ids in a way pytest 9 ignores.)
   """
-  for item in items:
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None or item.get_closest_marker("xdist_group"):
-      continue
-    groups = sorted(
-        (f"session-{name}" if d.scope == "session" else item.nodeid.split("::")[0])
-        for name, defs in info.name2fixturedefs.items() for d in defs[-1:]
-        if d.scope in ("module", "session") and not name.startswith("_")
-        and d.baseid != "")  # pytest's own session fixtures (tmp_path_factory, ...) do not count
-    if groups:
-      item.add_marker(pytest.mark.xdist_group(groups[0]))
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+  cache = {}
+
+  class SharedFixtureScheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      path, _, rest = nodeid.partition("::")
+      if path not in cache:
+        cache[path] = _shared_fixture_tests(path)
+      return path if rest.split("[")[0] in cache[path] else nodeid
+
+  return SharedFixtureScheduling(config, log)
 
 
 _FILE_SECONDS: dict = {}

@@ -106,12 +106,11 @@ def _direct_scores(model, pr, images, labels):
   """|dL(x)/d mask| per example by jax.grad of the plain single-example loss, then the mean."""
   ones = {"tokens": np.ones(6, np.float32), "segments": np.ones((6, 16), np.float32)}
   out = {"tokens": 0.0, "segments": 0.0}
-  def loss(m, x, y):
-    v = {"params": PARAMS, "prompts": pr, "prompt_masks": m}
-    return cross_entropy(model.apply(v, x[None]), y[None])[0]
-  grad = jax.jit(jax.grad(loss))  # compiled once for the four examples, not run op by op
   for x, y in zip(images, labels):
-    g = grad(variables(pr, ones)["prompt_masks"], x, jnp.asarray(y))["hooks"]
+    def loss(m):
+      v = {"params": PARAMS, "prompts": pr, "prompt_masks": m}
+      return cross_entropy(model.apply(v, x[None]), jnp.array([y]))[0]
+    g = jax.grad(loss)(variables(pr, ones)["prompt_masks"])["hooks"]
     out["tokens"] = out["tokens"] + np.abs(np.asarray(g["token_mask"]))
     out["segments"] = out["segments"] + np.abs(np.asarray(g["segment_mask"]))
   return {k: v / len(labels) for k, v in out.items()}
