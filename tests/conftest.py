@@ -1,6 +1,8 @@
 """Shared test setup: a persistent compilation cache, exact float32 matmuls, fixture paths."""
 
 import os
+import re
+import time
 
 import jax
 import numpy as np
@@ -9,9 +11,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("VPT_JAX_TEST_CACHE", os.path.join(ROOT, ".jax_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+# One persistent compilation cache for the whole run: both xdist workers, and (through the
+# environment) every subprocess and notebook kernel the tests start, so a function compiled by one
+# test is loaded, not recompiled, by the next one with the same shapes and config. Tiny entries are
+# cached too: on a slow host even a 0.1 s compile is worth a file read.
+CACHE = os.environ.get("VPT_JAX_TEST_CACHE", os.path.join(ROOT, ".jax_cache"))
+for _name, _value in (("jax_compilation_cache_dir", CACHE),
+                      ("jax_persistent_cache_min_compile_time_secs", 0.0),
+                      ("jax_persistent_cache_min_entry_size_bytes", 0)):
+  os.environ[_name.upper()] = str(_value)
+  jax.config.update(_name, _value)
 # The fixtures' tolerance assumes true float32 matmuls (accelerators default to TF32/bf16 passes).
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -41,3 +50,97 @@ def write_npz(tmp_path):
     np.savez(path, **arrays)
     return path
   return write
+
+
+# --- Keeping CI fast (README, Development: the time budget) -------------------------------------
+
+# The test phase's share of CI's ten minutes on a slow 2-core host (the install takes the rest).
+BUDGET_S = float(os.environ.get("VPT_JAX_TEST_BUDGET_S", 420))
+
+
+def _shared_fixture_tests(path: str) -> frozenset:
+  """Names of the tests in `path` that use a module- or session-scoped fixture, directly or
+  through other fixtures of the file (read from the source, as the xdist controller collects
+  nothing)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+  except (OSError, SyntaxError):
+    return frozenset()
+  fixtures, shared = {}, set()
+  for node in tree.body:
+    if not isinstance(node, ast.FunctionDef):
+      continue
+    for dec in node.decorator_list:
+      if "fixture" in ast.unparse(dec):
+        fixtures[node.name] = {a.arg for a in node.args.args}
+        if re.search(r"scope\s*=\s*['\"](module|session)['\"]", ast.unparse(dec)):
+          shared.add(node.name)
+  changed = True
+  while changed:  # fixtures that use a shared fixture share it too
+    changed = False
+    for name, args in fixtures.items():
+      if name not in shared and args & shared:
+        shared.add(name)
+        changed = True
+  return frozenset(node.name for node in tree.body
+                   if isinstance(node, ast.FunctionDef) and node.name.startswith("test")
+                   and {a.arg for a in node.args.args} & shared)
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """Tests that share a module- or session-scoped fixture run on one xdist worker.
+
+  Each worker builds its own fixtures, so a trained workdir shared by four tests would otherwise
+  be trained once per worker. Such tests are scheduled as one unit per file; every other test is
+  sent on its own, as `--dist load` does. (xdist's own `loadgroup` cannot be used: it renames node
+  ids in a way pytest 9 ignores.)
+  """
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+  cache = {}
+
+  class SharedFixtureScheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      path, _, rest = nodeid.partition("::")
+      if path not in cache:
+        cache[path] = _shared_fixture_tests(path)
+      return path if rest.split("[")[0] in cache[path] else nodeid
+
+  return SharedFixtureScheduling(config, log)
+
+
+_FILE_SECONDS: dict = {}
+_START = []
+
+
+def pytest_sessionstart(session):
+  del session
+  _START.append(time.time())
+
+
+def pytest_runtest_logreport(report):
+  path = report.nodeid.split("::")[0]
+  _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  """Each test file's share of the summed test time, and the wall time against the budget."""
+  if not _FILE_SECONDS or hasattr(config, "workerinput"):
+    return
+  total = sum(_FILE_SECONDS.values())
+  wall = time.time() - _START[0]
+  tr = terminalreporter
+  tr.section("time per test file (setup + call + teardown, summed over workers)")
+  for path, s in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
+    tr.write_line(f"{s:8.1f}s {100 * s / total:5.1f}%  {path}")
+  tr.write_line(f"{total:8.1f}s summed; {wall:.0f}s wall; budget {BUDGET_S:.0f}s wall on a slow "
+                "2-core host (README, Development)")
+  if os.environ.get("VPT_JAX_CI_START"):  # set by .ci/run
+    install = _START[0] - float(os.environ["VPT_JAX_CI_START"])
+    tr.write_line(f"CI: {install:.0f}s venv + install + start-up before the first test, "
+                  f"{wall:.0f}s tests")
+  if wall > BUDGET_S:
+    tr.write_line(f"over the time budget by {wall - BUDGET_S:.0f}s: see the slowest files above",
+                  yellow=True, bold=True)

@@ -32,8 +32,10 @@ ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd()), "/content/vpt
             if os.path.exists(os.path.join(p, "configs", "demo.py")))
 sys.path.insert(0, ROOT)
 WORKDIR = os.environ.get("VPT_COLAB_WORKDIR", WORKDIR)
-if OFFLINE:
-  EPOCHS = int(os.environ.get("VPT_COLAB_EPOCHS", EPOCHS))
+if OFFLINE:  # the tests run a smaller offline setting: $VPT_COLAB_EPOCHS=2, ...
+  for _name in ("EPOCHS", "BACKBONE", "TSNE_POINTS"):
+    if f"VPT_COLAB_{_name}" in os.environ and _name in globals():
+      globals()[_name] = type(globals()[_name])(os.environ[f"VPT_COLAB_{_name}"])
 
 import tensorflow as tf
 tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerator belongs to JAX
@@ -71,6 +73,8 @@ OFFLINE = True                  # True: demo backbone + digits on CPU; False: Vi
 CHECKPOINT = "vit-b16-i21k"     # a model-zoo name (see below), a .npz path or a gs:// URL
 TASK = "cifar100"               # a VTAB-1k task (vpt_jax.data.vtab.TASKS)
 EPOCHS = 10 if OFFLINE else 100   # offline: $VPT_COLAB_EPOCHS overrides it (the tests)
+BACKBONE = "demo-vit"           # offline backbone ($VPT_COLAB_BACKBONE; the tests: tiny-random)
+TSNE_POINTS = 300               # test images in the t-SNE picture ($VPT_COLAB_TSNE_POINTS offline)
 WORKDIR = "/tmp/vpt_quickstart"  # $VPT_COLAB_WORKDIR overrides it
 REPO_URL = "https://github.com/your-account/vpt_jax.git"  # where to clone from on Colab'''),
     ("code", SETUP),
@@ -79,14 +83,14 @@ REPO_URL = "https://github.com/your-account/vpt_jax.git"  # where to clone from 
     ("code", '''from vpt_jax.data.vtab import TASKS
 print("zoo:", ", ".join(zoo.names()))
 print("VTAB-1k tasks:", ", ".join(TASKS))
-checkpoint = "demo-vit" if OFFLINE else CHECKPOINT
+checkpoint = BACKBONE if OFFLINE else CHECKPOINT
 print(checkpoint, "->", zoo.url_for(checkpoint))
 print(vpt_jax.inspect(checkpoint))'''),
     ("code", '''from configs import demo, vtab
 
 if OFFLINE:   # VPT-deep with 8 prompts per layer on the demo backbone, digits 800/200/797
-  config = demo.get_config(f"vpt-deep,optim.epochs={EPOCHS},optim.warmup_epochs=1,"
-                           "eval_every_epochs=1,log_every_steps=4")
+  config = demo.get_config(f"vpt-deep,model.checkpoint={BACKBONE},optim.epochs={EPOCHS},"
+                           "optim.warmup_epochs=1,eval_every_epochs=1,log_every_steps=4")
 else:         # the paper's setting: VPT-deep p=50 on ViT-B/16 at 224px, VTAB-1k train800/val200
   config = vtab.get_config(f"{TASK},model.checkpoint={CHECKPOINT},optim.epochs={EPOCHS}")
   import tensorflow_datasets as tfds
@@ -128,7 +132,7 @@ print("their labels:        ", labels[:12].tolist())'''),
     ("code", '''display(Image(filename=plots.curves_figure(WORKDIR, os.path.join(WORKDIR, "curves.png"))))'''),
     ("code", '''# t-SNE of what the head reads: frozen backbone vs tuned (the VPT paper's Fig. 9)
 display(Image(filename=plots.tsne_figure(WORKDIR, os.path.join(WORKDIR, "tsne.png"),
-                                         num_examples=300)))'''),
+                                         num_examples=TSNE_POINTS)))'''),
     ("code", '''# What the class token attends to in the last layer: patches and prompt tokens
 display(Image(filename=plots.attention_figure(WORKDIR, os.path.join(WORKDIR, "attention.png"),
                                               num_images=3)))'''),
@@ -154,6 +158,7 @@ OFFLINE = True
 CHECKPOINT = "vit-b16-i21k"
 TASK = "dtd"
 EPOCHS = 8 if OFFLINE else 100   # offline: $VPT_COLAB_EPOCHS overrides it (the tests)
+BACKBONE = "demo-vit"            # offline backbone ($VPT_COLAB_BACKBONE; the tests: tiny-random)
 WORKDIR = "/tmp/vpt_baselines"   # $VPT_COLAB_WORKDIR overrides it
 REPO_URL = "https://github.com/your-account/vpt_jax.git"'''),
     ("code", SETUP),
@@ -162,8 +167,9 @@ REPO_URL = "https://github.com/your-account/vpt_jax.git"'''),
 def arm_config(arm: str, overrides: str):
   if OFFLINE:
     base = {"full": "linear"}.get(arm, arm)
-    return demo.get_config(f"{base},optim.epochs={EPOCHS},optim.warmup_epochs=1,"
-                           f"eval_every_epochs=1,log_every_steps=4{overrides}")
+    return demo.get_config(f"{base},model.checkpoint={BACKBONE},optim.epochs={EPOCHS},"
+                           "optim.warmup_epochs=1,eval_every_epochs=1,log_every_steps=4"
+                           + overrides)
   return vtab.get_config(f"{TASK},model.checkpoint={CHECKPOINT},optim.epochs={EPOCHS}{overrides}")
 
 # (arm, config overrides). Offline: p = 8 visual prompts, E2VPT adds 4 key-value prompts per layer.
