@@ -1,0 +1,1 @@
+"""Readers of published weight files (no model code here)."""
