@@ -428,3 +428,26 @@ def test_truncated_stream_and_bad_files(tmp_path):
       zf.writestr(n, b)
   with pytest.raises(tw.TorchCheckpointError, match=r"z2.pth: storage '1' holds 22 bytes"):
     tw.read_state_dict(tmp_path / "z2.pth")
+
+
+def test_inert_globals_are_opt_in_and_never_called(tmp_path):
+  import argparse
+  state, want = _strided_case()
+  path = write_zip(tmp_path / "a.pth", {"model": state, "args": argparse.Namespace(lr=0.1)})
+  with pytest.raises(tw.TorchCheckpointError, match=r"a.pth: refusing to load global "
+                                                    r"argparse.Namespace"):
+    tw.read_state_dict(path)
+  _assert_same(tw.read_state_dict(path, inert=["argparse.Namespace"]), want)
+  obj = tw.load(path, inert=["argparse.Namespace"])
+  assert isinstance(obj["args"], tw.Inert) and obj["args"].name == "argparse.Namespace"
+  assert not hasattr(obj["args"], "lr")
+  # Naming one global inert does not open the door to others.
+  marker = tmp_path / "pwned"
+  evil = write_zip(tmp_path / "e.pth", {"model": state, "x": Evil(str(marker))})
+  with pytest.raises(tw.TorchCheckpointError, match=r"global (posix|nt)\.system"):
+    tw.load(evil, inert=["argparse.Namespace"])
+  assert not marker.exists()
+  bad = write_zip(tmp_path / "b.pth", {"model": collections.OrderedDict(
+      w=state["scalar"], args=argparse.Namespace())})
+  with pytest.raises(tw.TorchCheckpointError, match=r"'args' holds a Inert"):
+    tw.read_state_dict(bad, key="model", inert=["argparse.Namespace"])

@@ -32,7 +32,7 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -133,34 +133,55 @@ _ALLOWED.update({("torch", n): _StorageType(n, dt) for n, dt in _DTYPES.items()}
 _ALLOWED.update({("torch", n): _StorageType(n, dt) for n, dt in _TENSOR_TYPES.items()})
 
 
+class Inert:
+  """Stands for a global named in `inert=`: never imported or called, its arguments dropped."""
+
+  name = "?"
+
+  def __init__(self, *args: Any, **kwargs: Any):
+    del args, kwargs
+
+  def __setstate__(self, state: Any) -> None:
+    del state
+
+  def __repr__(self) -> str:
+    return f"<inert {self.name}>"
+
+
 class _Unpickler(pickle.Unpickler):
   """Resolves only `_ALLOWED` globals; persistent ids go to the container's callback."""
 
-  def __init__(self, file: Any, path: str, persistent: Callable[[Any], Any]):
+  def __init__(self, file: Any, path: str, persistent: Callable[[Any], Any],
+               inert: frozenset = frozenset()):
     super().__init__(file)
     self._path = path
     self._persistent = persistent
+    self._inert = inert
 
   def find_class(self, module: str, name: str) -> Any:
-    try:
+    if (module, name) in _ALLOWED:
       return _ALLOWED[(module, name)]
-    except KeyError:
-      raise TorchCheckpointError(
-          f"{self._path}: refusing to load global {module}.{name}: only tensors, storages and "
-          "OrderedDict records are accepted (the pickle would have called it)") from None
+    if f"{module}.{name}" in self._inert:
+      return type("Inert", (Inert,), {"name": f"{module}.{name}"})
+    raise TorchCheckpointError(
+        f"{self._path}: refusing to load global {module}.{name}: only tensors, storages and "
+        "OrderedDict records are accepted (the pickle would have called it; pass "
+        f"inert=['{module}.{name}'] to read it as an inert placeholder if it is not part of the "
+        "weights)")
 
   def persistent_load(self, pid: Any) -> Any:
     return self._persistent(pid)
 
 
 def _unpickle(data: Any, path: str, what: str,
-              persistent: Optional[Callable[[Any], Any]] = None) -> Any:
+              persistent: Optional[Callable[[Any], Any]] = None,
+              inert: frozenset = frozenset()) -> Any:
   """One pickle from bytes or a stream, with errors that name the file and the record."""
   def refuse(pid: Any) -> Any:
     raise TorchCheckpointError(f"{path}: {what} holds an unexpected persistent id {pid!r}")
   f = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
   try:
-    return _Unpickler(f, path, persistent or refuse).load()
+    return _Unpickler(f, path, persistent or refuse, inert).load()
   except TorchCheckpointError:
     raise
   except EOFError:
@@ -241,7 +262,7 @@ def _frombuffer(buf: bytes, dtype: np.dtype, key: str, path: str,
 # The three containers.
 
 
-def _load_zip(path: str) -> Any:
+def _load_zip(path: str, inert: frozenset) -> Any:
   try:
     zf = zipfile.ZipFile(path)
     names = zf.namelist()
@@ -269,7 +290,11 @@ def _load_zip(path: str) -> Any:
       if type(numel) is not int:
         raise TorchCheckpointError(f"{path}: storage {key!r} has a non-integer size {numel!r}")
       if key not in storages:
-        dtype = stype.dtype.newbyteorder(">") if big and stype.dtype.itemsize > 1 else stype.dtype
+        dtype = stype.dtype
+        if big and dtype.itemsize > 1:
+          if dtype.kind not in "fiub":
+            raise TorchCheckpointError(f"{path}: big-endian {stype.name} is not supported")
+          dtype = dtype.newbyteorder(">")
         storages[key] = _Storage(key, dtype, numel)
       return storages[key]
 
@@ -277,7 +302,7 @@ def _load_zip(path: str) -> Any:
       raw = zf.read(pkl[0])
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
       raise TorchCheckpointError(f"{path}: cannot read {pkl[0]} ({e})") from None
-    obj = _unpickle(raw, path, "data.pkl", persistent)
+    obj = _unpickle(raw, path, "data.pkl", persistent, inert)
     for key, st in storages.items():
       record = f"{prefix}data/{key}"
       if record not in names:
@@ -297,7 +322,7 @@ def _read_exact(f: io.BytesIO, n: int, path: str, what: str) -> bytes:
   return buf
 
 
-def _load_tar(path: str) -> Any:
+def _load_tar(path: str, inert: frozenset) -> Any:
   try:
     with tarfile.open(path, mode="r:", format=tarfile.PAX_FORMAT) as tar:
       members = {}
@@ -370,7 +395,7 @@ def _load_tar(path: str) -> Any:
       raise TorchCheckpointError(f"{path}: pickle names tensor {pid!r}, absent from 'tensors'")
     return tensors[key]
 
-  obj = _unpickle(members["pickle"], path, "pickle", persistent)
+  obj = _unpickle(members["pickle"], path, "pickle", persistent, inert)
   return _convert(obj, path)
 
 
@@ -381,7 +406,7 @@ def _check_sys_info(info: Any, path: str) -> None:
     raise TorchCheckpointError(f"{path}: big-endian legacy checkpoints are not supported")
 
 
-def _load_stream(path: str, data: bytes) -> Any:
+def _load_stream(path: str, data: bytes, inert: frozenset) -> Any:
   f = io.BytesIO(data)
   magic = _unpickle(f, path, "the header")
   if magic != _LEGACY_MAGIC:
@@ -405,7 +430,7 @@ def _load_stream(path: str, data: bytes) -> Any:
     _, offset, vsize = view
     return _StorageView(roots[key], offset, vsize)
 
-  obj = _unpickle(f, path, "the object pickle", persistent)
+  obj = _unpickle(f, path, "the object pickle", persistent, inert)
   keys = _unpickle(f, path, "the storage key list")
   if not isinstance(keys, list):
     raise TorchCheckpointError(f"{path}: storage key list is {type(keys).__name__}")
@@ -423,21 +448,27 @@ def _load_stream(path: str, data: bytes) -> Any:
 # Public API.
 
 
-def load(path: str) -> Any:
-  """The object a PyTorch checkpoint holds, tensors as numpy arrays; no pickled code runs."""
+def load(path: str, *, inert: Iterable[str] = ()) -> Any:
+  """The object a PyTorch checkpoint holds, tensors as numpy arrays; no pickled code runs.
+
+  inert: 'module.name' globals that are not weights but would otherwise make the file unreadable
+    (e.g. 'argparse.Namespace', the `args` entry some training scripts save): they are read as
+    `Inert` placeholders, never imported or called.
+  """
   path = os.fspath(path)
+  inert = frozenset(inert)
   try:
     with open(path, "rb") as f:
       head = f.read(512)
   except OSError as e:
     raise TorchCheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
   if head[:4] == b"PK\x03\x04":
-    return _load_zip(path)
+    return _load_zip(path, inert)
   if head[257:262] == b"ustar":
-    return _load_tar(path)
+    return _load_tar(path, inert)
   if head[:2] == b"\x80\x02":
     with open(path, "rb") as f:
-      return _load_stream(path, f.read())
+      return _load_stream(path, f.read(), inert)
   if not head:
     raise TorchCheckpointError(f"{path}: empty file")
   raise TorchCheckpointError(
@@ -454,14 +485,16 @@ def _is_state_dict(obj: Any) -> bool:
           and all(isinstance(v, np.ndarray) for v in obj.values()))
 
 
-def read_state_dict(path: str, *, key: Optional[str] = None) -> Dict[str, np.ndarray]:
+def read_state_dict(path: str, *, key: Optional[str] = None,
+                    inert: Iterable[str] = ()) -> Dict[str, np.ndarray]:
   """A checkpoint's state dict as {name: array}, in file order.
 
   Unwraps the usual containers: a plain state dict, `{'model': ...}` (MAE, ConvNeXt, Swin),
   `{'state_dict': ...}` (MoCo); `key` picks the entry explicitly. The `module.` prefix that
-  DistributedDataParallel puts on every key is removed when all keys carry it (MoCo).
+  DistributedDataParallel puts on every key is removed when all keys carry it (MoCo). `inert` as
+  for `load`.
   """
-  obj = load(path)
+  obj = load(path, inert=inert)
   if key is not None:
     if not isinstance(obj, Mapping) or key not in obj:
       found = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
@@ -497,4 +530,4 @@ def select(state: Mapping[str, np.ndarray], prefix: str) -> Dict[str, np.ndarray
   return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-__all__ = ["TorchCheckpointError", "load", "read_state_dict", "select"]
+__all__ = ["Inert", "TorchCheckpointError", "load", "read_state_dict", "select"]
