@@ -248,9 +248,7 @@ def _assign(model: nn.Module, image_shape: Tuple[int, ...], mapping: Mapping[Tup
   """
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape)))
   shapes = {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
-  flat = {}
-  for (col, *keys), leaf in _flatten(shapes):
-    flat[(col, *keys)] = leaf
+  flat = dict(_flatten(shapes))
   out: Dict[str, Any] = {}
   used = set()
   for where, leaf in flat.items():
@@ -314,13 +312,13 @@ def convnext_from_torch(state: Mapping[str, np.ndarray], *, path: str = "state d
   model = ConvNeXt(depths=tuple(depths[s] for s in range(4)), dims=tuple(dims),
                    num_classes=num_classes, **overrides)
   m: Dict[Tuple[str, ...], Any] = {}
-  P = lambda *k: ("params",) + k
+  P = lambda where, leaf: ("params", *where.split("/"), leaf)
 
-  def ln(where, key):
+  def ln(where: str, key: str) -> None:
     m[P(where, "scale")] = (f"{key}.weight", _same)
     m[P(where, "bias")] = (f"{key}.bias", _same)
 
-  def dense(where, key, convert=_linear):
+  def dense(where: str, key: str, convert=_linear) -> None:
     m[P(where, "kernel")] = (f"{key}.weight", convert)
     m[P(where, "bias")] = (f"{key}.bias", _same)
 
@@ -333,15 +331,13 @@ def convnext_from_torch(state: Mapping[str, np.ndarray], *, path: str = "state d
     for j in range(depths[s]):
       w, k = f"stage{s + 1}_{j}", f"stages.{s}.{j}"
       m[P(w, "gamma")] = (f"{k}.gamma", _same)
-      dense((w, "dwconv"), f"{k}.dwconv", _hwio)  # (C, 1, 7, 7) -> (7, 7, 1, C)
-      ln((w, "norm"), f"{k}.norm")
-      dense((w, "pwconv1"), f"{k}.pwconv1")
-      dense((w, "pwconv2"), f"{k}.pwconv2")
+      dense(f"{w}/dwconv", f"{k}.dwconv", _hwio)  # (C, 1, 7, 7) -> (7, 7, 1, C)
+      ln(f"{w}/norm", f"{k}.norm")
+      dense(f"{w}/pwconv1", f"{k}.pwconv1")
+      dense(f"{w}/pwconv2", f"{k}.pwconv2")
   ln("norm", "norm")
   if head:
     dense("head", "head")
-  m = {tuple(x for part in k for x in (part if isinstance(part, tuple) else (part,))): v
-       for k, v in m.items()}
   ignore = [] if head else [r"head\.(weight|bias)"]
   variables = _assign(model, (1, 32, 32, 3), m, state, path, ignore)
   return model, variables
