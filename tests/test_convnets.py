@@ -1,4 +1,4 @@
-"""ConvNeXt and ResNet from their PyTorch files: exact loading, the official VPT outputs, pad prompts.
+"""ConvNeXt and ResNet from their PyTorch files: exact loading, official VPT outputs, pad prompts.
 
 Fixtures: tests/data/backbones/{convnext,resnet}.* (outputs of the official VPT code, NCHW).
 """
@@ -63,7 +63,8 @@ def outputs(fam, model, variables):
 # File key -> (collection, flax path, inverse of the layout conversion), written independently of
 # the converters: a regex per key family.
 _INVERSE = {
-    "hwio": lambda a: a.transpose(3, 2, 0, 1) if a.ndim == 4 else a, "linear": lambda a: a.T, "same": lambda a: a}
+    "hwio": lambda a: a.transpose(3, 2, 0, 1) if a.ndim == 4 else a,
+    "linear": lambda a: a.T, "same": lambda a: a}
 _CONVNEXT_RULES = [
     (r"downsample_layers\.0\.0\.(weight|bias)", "stem_conv", "hwio"),
     (r"downsample_layers\.0\.1\.(weight|bias)", "stem_norm", "same"),

@@ -1,4 +1,4 @@
-"""ConvNeXt and ResNet-50 v1.5 (torchvision), read from their PyTorch checkpoints, and VPT's pad prompt.
+"""ConvNeXt and ResNet-50 v1.5 (torchvision) from their PyTorch checkpoints; VPT's pad prompt.
 
 Both take NHWC images (already normalised the way the checkpoint expects: VPT uses ImageNet mean and
 std) and return the backbone features, or logits when `num_classes` is set. Intermediates are sown
@@ -165,7 +165,7 @@ def _bn(name: str) -> nn.BatchNorm:
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (stride here: v1.5) -> 1x1 (4x planes), each followed by BatchNorm, plus shortcut."""
+  """1x1 -> 3x3 (stride here: v1.5) -> 1x1 (4x planes), each with BatchNorm, plus the shortcut."""
 
   planes: int
   strides: int = 1
