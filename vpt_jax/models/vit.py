@@ -9,7 +9,7 @@ Parameter tree (linen names; `vpt_jax.weights.npz` maps both published file layo
                                      it into cls
     Transformer/encoderblock_{i}/    LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,
                                      value,out}, LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
-    Transformer/encoder_norm
+    Transformer/encoder_norm         unless `fc_norm`, which puts `fc_norm` after the pooling
     MAPHead_0/...                    when pool_type == 'map' (big_vision / SigLIP)
     pre_logits/{kernel,bias}         when `representation_size` (Dense + tanh)
     head/{kernel,bias}               when `num_classes`
@@ -21,9 +21,10 @@ later layer, for cached frozen prefixes. The hooks module is a child of the ViT,
 live in the same variable dict, in whatever collection it chooses (VPT uses 'prompts').
 
 Numerics follow the originals: pre-LN blocks, LayerNorm eps 1e-6, tanh-approximate GELU (flax's
-default, which the checkpoints were trained with), attention scaled by 1/sqrt(head_dim), softmax in
-float32. `dtype` sets the compute dtype of the matmuls/convs only; parameters, LayerNorm statistics,
-the residual stream, softmax and the logits stay float32.
+default, which the checkpoints were trained with; `approximate_gelu=False` for PyTorch ViTs),
+attention scaled by 1/sqrt(head_dim), softmax in float32. `dtype` sets the compute dtype of the
+matmuls/convs only; parameters, LayerNorm statistics, the residual stream, softmax and the logits
+stay float32.
 
 Intermediate arrays are sown into the 'intermediates' collection (`stem`, `block_{i}`, `encoded`,
 `pooled`, `head_input`, and each attention's weights) so tests and tools can read them with
@@ -45,21 +46,22 @@ Array = jax.Array
 Dtype = Any
 
 LN_EPS = 1e-6
-POOL_TYPES = ("token", "gap", "map")
+POOL_TYPES = ("token", "gap", "gap_patches", "map")
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU(tanh) -> Dense, the transformer feed-forward block."""
+  """Dense -> GELU -> Dense, the transformer feed-forward block (GELU: tanh form, or exact erf)."""
 
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     d = x.shape[-1]
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
-    y = nn.gelu(y, approximate=True)
+    y = nn.gelu(y, approximate=self.approximate_gelu)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     y = nn.Dense(d, dtype=self.dtype, name="Dense_1")(y)
     return y
@@ -164,6 +166,7 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, x: Array, *, memory: Optional[Array] = None,
@@ -183,7 +186,8 @@ class Encoder1DBlock(nn.Module):
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + y
     y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_1")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_0")(y, train=train)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.approximate_gelu,
+                 name="MlpBlock_0")(y, train=train)
     if mlp_hook is not None:
       y = mlp_hook(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -195,6 +199,7 @@ class Encoder(nn.Module):
 
   class_token_only: the last layer computes the class-token row only (its other outputs would
   be thrown away by 'token' pooling), so `encoded` is then (batch, 1, D).
+  final_norm: False leaves out `encoder_norm` (models that normalise the pooled feature instead).
   """
 
   depth: int
@@ -203,6 +208,8 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   class_token_only: bool = False
+  approximate_gelu: bool = True
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Array, *, hooks: Optional[Hooks] = None, start_layer: int = 0,
@@ -216,12 +223,15 @@ class Encoder(nn.Module):
       num_prompts = step.num_prompts
       last = self.class_token_only and i == self.depth - 1
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                         self.approximate_gelu,
                          name=f"encoderblock_{i}")(step.tokens, memory=step.memory,
                                                    extra_kv=step.extra_kv,
                                                    key_mask=step.key_mask,
                                                    query_rows=1 if last else None,
                                                    mlp_hook=mlp_hook, train=train)
       self.sow("intermediates", f"block_{i}", x)
+    if not self.final_norm:
+      return x, num_prompts
     return nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(x), num_prompts
 
 
@@ -255,7 +265,8 @@ class VisionTransformer(nn.Module):
     patch_size: (height, width) of a patch (= conv kernel and stride).
     width, depth, num_heads, mlp_dim: transformer size.
     num_classes: head size; None for no head (the model returns the pre-logits features).
-    pool_type: 'token' (class token row), 'gap' (mean of all tokens) or 'map' (attention pooling).
+    pool_type: 'token' (class token row), 'gap' (mean of all tokens), 'gap_patches' (mean of all
+      tokens but the class token: MAE's global pool) or 'map' (attention pooling).
     class_token: whether a learned class token is prepended.
     posemb_cls_row: vit_jax layout, where pos_embedding has a row for the class token and is added
       after the token is prepended; otherwise (big_vision) it covers the patches only.
@@ -269,6 +280,10 @@ class VisionTransformer(nn.Module):
       'token' pooling the last layer computes the class-token row only. Prompt hooks read it when
       attached (VPT-deep prompts whose outputs the next layer discards become keys/values only).
       False: the straightforward computation of every row (all intermediates full size).
+    approximate_gelu: True (default) the tanh form of GELU (the Google checkpoints); False the
+      exact erf form (PyTorch's nn.GELU: MAE, MoCo v3).
+    fc_norm: the final LayerNorm normalises the pooled feature (`fc_norm`, MAE's global pool)
+      instead of every token (`Transformer/encoder_norm`).
   """
 
   image_size: Tuple[int, int]
@@ -289,6 +304,8 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   hooks: Optional[Hooks] = None
   fast_path: bool = True
+  approximate_gelu: bool = True
+  fc_norm: bool = False
 
   @property
   def grid(self) -> Tuple[int, int]:
@@ -366,7 +383,8 @@ class VisionTransformer(nn.Module):
       x, num_prompts = self._embed(images, train=train)
     x, num_prompts = Encoder(
         self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-        class_token_only=self.fast_path and self.pool_type == "token", name="Transformer")(
+        class_token_only=self.fast_path and self.pool_type == "token",
+        approximate_gelu=self.approximate_gelu, final_norm=not self.fc_norm, name="Transformer")(
             x, hooks=self.hooks, start_layer=start_layer, num_prompts=num_prompts, train=train)
     self.sow("intermediates", "encoded", x)
     if self.hooks is not None:
@@ -376,10 +394,14 @@ class VisionTransformer(nn.Module):
       x = x[:, 0]
     elif self.pool_type == "gap":
       x = jnp.mean(x, axis=1)
+    elif self.pool_type == "gap_patches":
+      x = jnp.mean(x[:, int(self.class_token):], axis=1)
     else:
       x = MAPHead(self.map_num_heads or self.num_heads, self.map_mlp_dim or self.mlp_dim,
                   dtype=self.dtype, name="MAPHead_0")(x)
     self.sow("intermediates", "pooled", x)
+    if self.fc_norm:
+      x = nn.LayerNorm(epsilon=LN_EPS, name="fc_norm")(x)
 
     if self.representation_size:
       x = jnp.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
