@@ -53,9 +53,13 @@ def _images(io):
   return io["images"].transpose(0, 2, 3, 1)
 
 
+_COMPILED = {}  # one jitted apply per model, shared by the tests of this module
+
+
 def _run(model, variables, images):
-  out, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(
-      variables, images)
+  if model not in _COMPILED:
+    _COMPILED[model] = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))
+  out, state = _COMPILED[model](variables, images)
   got = {k: np.asarray(v[0]) for k, v in state["intermediates"].items()}
   got["patch_embed"] = got.pop("stem")
   got["logits"] = np.asarray(out)
@@ -231,11 +235,14 @@ def test_per_image_prompts(case, backbone):
 
 def test_per_image_outputs_do_not_depend_on_the_batch(backbone):
   model, variables, io = _prompted("vpt_shallow", backbone, quirk=False, fast_path=True)
-  f = jax.jit(model.apply)
   images = _images(io)
-  batch = np.asarray(f(variables, images))
-  shuffled = np.asarray(f(variables, images[::-1]))[::-1]
+  batch = _run(model, variables, images)["logits"]
+  shuffled = _run(model, variables, np.ascontiguousarray(images[::-1]))["logits"][::-1]
   np.testing.assert_allclose(shuffled, batch, atol=ATOL, rtol=RTOL)
+  quirk, variables, _ = _prompted("vpt_shallow", backbone, quirk=True, fast_path=False)
+  official = _run(quirk, variables, images)["logits"]
+  shuffled = _run(quirk, variables, np.ascontiguousarray(images[::-1]))["logits"][::-1]
+  assert np.abs(shuffled - official).max() > 0.01  # the official pairing mixes the batch
 
 
 def test_prompts_are_a_separate_collection(backbone):

@@ -290,12 +290,12 @@ class WindowAttention(nn.Module):
     def attend(queries, positional):
       logits = jnp.einsum("rhqd,rhkd->rhqk", queries * scale, keys,
                           preferred_element_type=jnp.float32)
-      if positional:
-        add = bias[None]
+      if positional:  # bias (and mask of window r % nW) on window-token pairs only
+        logits = logits + jnp.pad(bias, ((0, 0), (0, 0), (front, 0)))[None]
         if mask is not None:
-          add = add + jnp.tile(jnp.asarray(mask), (batch, 1, 1))[:, None]
-        pad = [(0, 0)] * (add.ndim - 1) + [(front, 0)]
-        logits = logits + jnp.pad(add, pad)
+          shape = logits.shape
+          m = jnp.pad(jnp.asarray(mask), ((0, 0), (0, 0), (front, 0)))
+          logits = (logits.reshape((batch, nw) + shape[1:]) + m[None, :, None]).reshape(shape)
       w = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
       y = jnp.einsum("rhqk,rhkd->rhqd", w, values)
       return jnp.swapaxes(y, 1, 2).reshape(rows, queries.shape[-2], self.dim)
@@ -432,8 +432,8 @@ class SwinTransformer(nn.Module):
     hooks: optional `SwinHooks` (prompts).
     fast_path: let hooks skip prompt queries whose outputs are discarded (exact). False computes
       every row, so the sown block outputs hold every prompt row (for comparisons).
-  Sown 'intermediates': stem (patch_embed output), block_{i}_{j}, merge_{i}, final_norm, pooled (prompt rows
-  first in the token sequences).
+  Sown 'intermediates': stem (patch_embed output), block_{i}_{j}, merge_{i}, final_norm, pooled
+  (prompt rows first in the token sequences).
   """
   image_size: Tuple[int, int] = (224, 224)
   patch_size: int = 4
