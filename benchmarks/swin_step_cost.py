@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vpt_jax.models import swin, swin_prompts
+from vpt_jax.models import swin
+from vpt_jax.prompts import swin as swin_prompts
+from vpt_jax.weights import torch_swin
 
 SWIN_B = dict(image_size=(224, 224), patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
               num_heads=(4, 8, 16, 32), window_size=7, num_classes=100)

@@ -387,8 +387,16 @@ def test_zoo_names_resolve_to_published_files():
     if name in ("tiny-random", "demo-vit"):
       assert os.path.exists(path) and vpt_jax.inspect(name).width == 64
       continue
+    entry = zoo.ZOO[name]
+    if entry.family != "vit":   # the PyTorch backbones: https, .pth files, no sub-tree
+      assert path.startswith("https://") and ".pth" in path and sub is None, name
+      assert all(c in "0123456789abcdef" for c in entry.sha256_prefix + entry.md5_prefix), name
+      continue
     assert path.startswith("gs://") and path.endswith(".npz"), name
     assert (sub == "img") == name.startswith("siglip"), name
+  families = {e.family for e in zoo.ZOO.values()}
+  assert families == {"vit", "mae", "moco", "swin", "convnext", "resnet"}, families
+  assert zoo.ZOO["resnet50-1k"].url.endswith(zoo.ZOO["resnet50-1k"].sha256_prefix + ".pth")
   assert zoo.url_for("some/local.npz") == "some/local.npz"
 
 

@@ -15,10 +15,11 @@ from flax import traverse_util
 
 from conftest import ATOL, RTOL, data_path
 from vpt_jax.models import convnets as cn
+from vpt_jax.weights import torch_convnets as tc
 from vpt_jax.weights import torch as tw
 
 FILES = {"convnext": "convnext.pth", "resnet": "resnet.pth"}
-FROM = {"convnext": cn.convnext_from_torch, "resnet": cn.resnet_from_torch}
+FROM = {"convnext": tc.convnext_from_torch, "resnet": tc.resnet_from_torch}
 STAGES = {"convnext": ["stem", "stage1", "stage2", "stage3", "stage4", "pooled", "features"],
           "resnet": ["stem", "layer1", "layer2", "layer3", "layer4", "features"]}
 
@@ -125,8 +126,8 @@ def test_parameters_bit_identical_to_the_file(name):
 
 
 def test_resnet_legacy_tar_and_zip_load_the_same():
-  _, a = cn.resnet_from_torch(state("resnet"))
-  _, b = cn.resnet_from_torch(tw.read_state_dict(bb("resnet.zipformat.pth")))
+  _, a = tc.resnet_from_torch(state("resnet"))
+  _, b = tc.resnet_from_torch(tw.read_state_dict(bb("resnet.zipformat.pth")))
   fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
   assert fa.keys() == fb.keys()
   assert all(np.asarray(fa[k]).tobytes() == np.asarray(fb[k]).tobytes() for k in fa)
@@ -138,20 +139,20 @@ def test_conversion_errors():
   del bad["layer2.0.bn2.running_var"]
   with pytest.raises(tw.TorchCheckpointError, match=r"r.pth: missing key "
                                                     r"'layer2.0.bn2.running_var'"):
-    cn.resnet_from_torch(bad, path="r.pth")
+    tc.resnet_from_torch(bad, path="r.pth")
   bad = dict(sd, **{"layer1.0.extra.weight": np.zeros(3, np.float32)})
   with pytest.raises(tw.TorchCheckpointError, match=r"unexpected key\(s\) \['layer1.0.extra"):
-    cn.resnet_from_torch(bad, path="r.pth")
+    tc.resnet_from_torch(bad, path="r.pth")
   bad = dict(sd, **{"layer3.0.conv2.weight": np.zeros((16, 16, 1, 1), np.float32)})
   with pytest.raises(tw.TorchCheckpointError, match=r"'layer3.0.conv2.weight' has shape "
                                                     r"\(16, 16, 1, 1\)"):
-    cn.resnet_from_torch(bad, path="r.pth")
+    tc.resnet_from_torch(bad, path="r.pth")
   with pytest.raises(tw.TorchCheckpointError, match=r"c.pth: expected stages.0 .. stages.3"):
-    cn.convnext_from_torch(sd, path="c.pth")
+    tc.convnext_from_torch(sd, path="c.pth")
   cx = dict(state("convnext"))
   cx["norm.weight"] = cx["norm.weight"].astype(np.float16)
   with pytest.raises(tw.TorchCheckpointError, match=r"'norm.weight' has dtype float16"):
-    cn.convnext_from_torch(cx, path="c.pth")
+    tc.convnext_from_torch(cx, path="c.pth")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_checkpoint_head(family):
 def test_pad_prompt_outputs(family):
   io = family["io"]
   model = family["model"].clone(pad_tokens=4)
-  variables = dict(family["variables"], prompts=cn.pad_prompts_from_vpt(
+  variables = dict(family["variables"], prompts=tc.pad_prompts_from_vpt(
       io["vpt_pad/prompt_embeddings_tb"], io["vpt_pad/prompt_embeddings_lr"]))
   logits, inter = outputs(family, model, variables)
   check(inter["input"][:1], io["vpt_pad/padded_input"], "padded_input")
@@ -201,11 +202,11 @@ def test_pad_geometry_against_numpy():
   want[:, :, t:s + t, t:s + t] = img
   prompt = cn.PadPrompt(t)
   got = prompt.apply({"prompts": {k: v.astype(np.float32) for k, v in
-                                  cn.pad_prompts_from_vpt(tb, lr)["pad_prompt"].items()}},
+                                  tc.pad_prompts_from_vpt(tb, lr)["pad_prompt"].items()}},
                      img.transpose(0, 2, 3, 1).astype(np.float32))
   np.testing.assert_allclose(nchw(got), want, atol=1e-6)
   with pytest.raises(ValueError, match=r"fit another input size; these images are 6x6x3"):
-    prompt.apply({"prompts": cn.pad_prompts_from_vpt(tb, lr)["pad_prompt"]},
+    prompt.apply({"prompts": tc.pad_prompts_from_vpt(tb, lr)["pad_prompt"]},
                  np.zeros((1, 6, 6, 3), np.float32))
 
 

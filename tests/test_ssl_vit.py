@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from conftest import ATOL, RTOL, data_path
 from vpt_jax import prompts
-from vpt_jax.models import ssl_vit
+from vpt_jax.weights import torch_vit as ssl_vit
 from vpt_jax.weights import torch as tw
 
 FILES = {"mae": ("mae_vit.pth", "mae_vit.io.npz"), "moco": ("mocov3_vit.pth.tar",

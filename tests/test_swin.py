@@ -18,7 +18,9 @@ import optax
 import pytest
 
 from conftest import ATOL, RTOL, data_path, load_io
-from vpt_jax.models import swin, swin_prompts
+from vpt_jax.models import swin
+from vpt_jax.prompts import swin as swin_prompts
+from vpt_jax.weights import torch_swin
 from vpt_jax.weights.torch import read_state_dict
 
 CKPT = "swin/swin_toy_patch2_window3_48.pth"
@@ -37,16 +39,16 @@ def state_dict():
 
 @pytest.fixture(scope="module")
 def plain(state_dict):
-  cfg = swin.config_from_state_dict(state_dict, image_size=(48, 48))
+  cfg = torch_swin.config_from_state_dict(state_dict, image_size=(48, 48))
   model = swin.SwinTransformer(**cfg)
-  return model, swin.convert_state_dict(state_dict, model)
+  return model, torch_swin.convert_state_dict(state_dict, model)
 
 
 @pytest.fixture(scope="module")
 def backbone(state_dict, plain):
   """The backbone as VPT/E2VPT load it: the file's head is dropped (they train a new one)."""
   model = plain[0]
-  return model, swin.convert_state_dict(state_dict, model, head=False)
+  return model, torch_swin.convert_state_dict(state_dict, model, head=False)
 
 
 def _images(io):
@@ -90,7 +92,7 @@ def test_config_read_off_the_file(plain):
 
 def test_parameters_bit_identical(state_dict, plain):
   model, params = plain
-  back = swin.to_state_dict(params, model)
+  back = torch_swin.to_state_dict(params, model)
   buffers = {k for k in state_dict if k.endswith((".relative_position_index", ".attn_mask"))}
   assert set(back) == set(state_dict) - buffers and len(back) == 121 and len(buffers) == 11
   for k, v in back.items():
@@ -132,28 +134,29 @@ def test_corrupt_buffer_is_named(state_dict, plain, key):
   bad[key] = np.array(bad[key])
   bad[key].flat[1] += 1
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-    swin.convert_state_dict(bad, plain[0])
-  swin.convert_state_dict(bad, plain[0], check_buffers=False)  # the opt-out
+    torch_swin.convert_state_dict(bad, plain[0])
+  torch_swin.convert_state_dict(bad, plain[0], check_buffers=False)  # the opt-out
 
 
 def test_wrong_image_size_is_caught_by_the_mask_buffer(state_dict):
-  cfg = swin.config_from_state_dict(state_dict, image_size=(96, 96))
+  cfg = torch_swin.config_from_state_dict(state_dict, image_size=(96, 96))
   with pytest.raises(ValueError, match=r"layers\.0\.blocks\.1\.attn_mask"):
-    swin.convert_state_dict(state_dict, swin.SwinTransformer(**cfg))
+    torch_swin.convert_state_dict(state_dict, swin.SwinTransformer(**cfg))
 
 
 def test_bad_keys_are_named(state_dict, plain):
   model = plain[0]
   missing = {k: v for k, v in state_dict.items() if k != "layers.1.blocks.1.mlp.fc2.bias"}
   with pytest.raises(ValueError, match=r"missing key.*layers\.1\.blocks\.1\.mlp\.fc2\.bias"):
-    swin.convert_state_dict(missing, model)
+    torch_swin.convert_state_dict(missing, model)
   with pytest.raises(ValueError, match=r"unexpected key.*layers\.4\.blocks\.0\.norm1\.weight"):
-    swin.convert_state_dict({**state_dict, "layers.4.blocks.0.norm1.weight": np.ones(8)}, model)
+    torch_swin.convert_state_dict({**state_dict, "layers.4.blocks.0.norm1.weight": np.ones(8)},
+                                  model)
   shaped = {**state_dict, "norm.bias": np.ones(63, np.float32)}
   with pytest.raises(ValueError, match=r"'norm\.bias' has shape \(63,\)"):
-    swin.convert_state_dict(shaped, model)
+    torch_swin.convert_state_dict(shaped, model)
   with pytest.raises(ValueError, match=r"missing key 'patch_embed\.proj\.weight'"):
-    swin.config_from_state_dict({"a": np.ones(1)}, image_size=(48, 48), source="x.pth")
+    torch_swin.config_from_state_dict({"a": np.ones(1)}, image_size=(48, 48), source="x.pth")
 
 
 def test_geometry_errors():
@@ -175,11 +178,11 @@ def test_plain_matches_microsoft(plain):
 
 
 def test_load_pretrained_drops_or_keeps_the_head():
-  model, params = swin.load_pretrained(data_path(CKPT), image_size=(48, 48))
+  model, params = torch_swin.load_pretrained(data_path(CKPT), image_size=(48, 48))
   assert model.num_classes == 10 and np.any(params["head"]["kernel"])
-  model, params = swin.load_pretrained(data_path(CKPT), image_size=(48, 48), num_classes=None)
+  model, params = torch_swin.load_pretrained(data_path(CKPT), image_size=(48, 48), num_classes=None)
   assert model.num_classes is None and "head" not in params
-  model, params = swin.load_pretrained(data_path(CKPT), image_size=(48, 48), num_classes=5)
+  model, params = torch_swin.load_pretrained(data_path(CKPT), image_size=(48, 48), num_classes=5)
   assert params["head"]["kernel"].shape == (64, 5) and not np.any(params["head"]["kernel"])
 
 

@@ -451,3 +451,12 @@ def test_inert_globals_are_opt_in_and_never_called(tmp_path):
       w=state["scalar"], args=argparse.Namespace())})
   with pytest.raises(tw.TorchCheckpointError, match=r"'args' holds a Inert"):
     tw.read_state_dict(bad, key="model", inert=["argparse.Namespace"])
+
+
+def test_torch_errors_are_checkpoint_errors(tmp_path):
+  """One except clause (`CheckpointError`) catches bad files of every weight format."""
+  from vpt_jax.weights.download import CheckpointError
+  bad = tmp_path / "bad.pth"
+  bad.write_bytes(b"not a checkpoint")
+  with pytest.raises(CheckpointError, match="bad.pth"):
+    tw.read_state_dict(str(bad))

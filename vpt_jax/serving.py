@@ -47,7 +47,7 @@ Array = jax.Array
 # Model fields that must agree for tasks to share one backbone (num_classes may differ).
 SHARED_FIELDS = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "pool_type",
                  "class_token", "posemb_cls_row", "representation_size", "in_channels",
-                 "map_num_heads", "map_mlp_dim", "dtype")
+                 "map_num_heads", "map_mlp_dim", "dtype", "approximate_gelu", "fc_norm")
 
 
 class ServingError(ValueError):

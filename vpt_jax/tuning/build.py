@@ -29,6 +29,9 @@ _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainabl
 # `fast_path` or `dtype`).
 ARCHITECTURE = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes",
                 "pool_type", "class_token", "posemb_cls_row", "representation_size", "in_channels")
+# Architecture fields added later (PyTorch ViTs): in a fingerprint only when they differ from the
+# default, so the fingerprints of workdirs written before them stay valid.
+ARCHITECTURE_OPTIONAL = {"approximate_gelu": True, "fc_norm": False}
 # Data options that change what the model sees for an image.
 PREPROCESSING = ("crop", "normalization", "resize_size")
 # Hook fields derived from the options and the execution choices (the prompt plan with its fast
@@ -61,7 +64,9 @@ class Built:
     return {
         "version": FINGERPRINT_VERSION,
         "backbone_sha256": self.backbone_sha256,
-        "model": {k: utils.jsonable(getattr(m, k)) for k in ARCHITECTURE},
+        "model": {k: utils.jsonable(getattr(m, k)) for k in ARCHITECTURE}
+                 | {k: getattr(m, k) for k, default in ARCHITECTURE_OPTIONAL.items()
+                    if getattr(m, k, default) != default},
         "prompt_hooks": _hook_fields(prompt_hooks),
         "preprocessing": utils.jsonable(self.preprocessing),
         "trainable": {p: list(x.shape) for p, x in zip(rules.leaf_paths(trainable),

@@ -32,7 +32,8 @@ from vpt_jax.tuning import rules
 MODES = ("auto", "true", "false")
 MAX_CACHE_BYTES = 8 << 30      # host memory the cached token sequences may take
 _BLOCK = re.compile(r"params/Transformer/encoderblock_(\d+)/.*")
-_AFTER_ENCODER = re.compile(r"params/(Transformer/encoder_norm|MAPHead_0|pre_logits|head)/.*")
+_AFTER_ENCODER = re.compile(
+    r"params/(Transformer/encoder_norm|MAPHead_0|fc_norm|pre_logits|head)/.*")
 
 
 def cache_mode(value: Any) -> str:

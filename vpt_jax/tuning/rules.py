@@ -74,7 +74,7 @@ def protocol(name: str, *, depth: Optional[int] = None) -> Protocol:
       raise ValueError(f"protocol {name!r} needs 1 <= k <= depth ({depth})")
     blocks = "|".join(str(i) for i in range(depth - k, depth))
     return Protocol(name, (rf"params/Transformer/encoderblock_({blocks})/.*",
-                           r"params/Transformer/encoder_norm/.*", _HEAD))
+                           r"params/(Transformer/encoder_norm|fc_norm)/.*", _HEAD))
   raise ValueError(f"unknown protocol {name!r}; expected vpt, linear, full, bias, partial-k, "
                    "mlp-k, adapter or side")
 

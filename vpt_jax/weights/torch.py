@@ -37,9 +37,14 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 import ml_dtypes
 import numpy as np
 
+from vpt_jax.weights.download import CheckpointError
 
-class TorchCheckpointError(ValueError):
-  """A file that is not a readable PyTorch checkpoint; the message names the file (and key)."""
+
+class TorchCheckpointError(CheckpointError):
+  """A file that is not a readable PyTorch checkpoint; the message names the file (and key).
+
+  A `CheckpointError` (and so a ValueError), so callers catch one error for every weight format.
+  """
 
 
 # Storage (and legacy tensor) type names -> element dtype (little-endian; byteorder applied later).

@@ -4,7 +4,14 @@ Facts only: where each file is published and what it holds. `load_pretrained('vi
 downloads on first use (into $VPT_JAX_CACHE or ~/.cache/vpt_jax); nothing here is fetched by the
 tests. gs:// files are also served at https://storage.googleapis.com/<bucket>/<path>.
 
-Input range: every checkpoint below was trained on images scaled to [-1, 1].
+Input range: every Google .npz checkpoint below was trained on images scaled to [-1, 1]; the
+PyTorch files (family other than 'vit') on ImageNet mean/std-normalised images, as the official VPT
+code feeds them.
+
+`family` says which reader and model a file needs ('vit': the .npz reader of `weights.npz`;
+'mae', 'moco': `weights.torch_vit`; 'swin': `weights.torch_swin`; 'convnext', 'resnet':
+`weights.torch_convnets`). `sha256_prefix` / `md5_prefix` hold what the publishers state about the
+file's hash (a prefix only where that is all they state; empty where nothing is published).
 """
 
 from __future__ import annotations
@@ -18,11 +25,16 @@ from typing import Dict, List
 class Entry:
   url: str
   about: str
+  family: str = "vit"
+  sha256_prefix: str = ""
+  md5_prefix: str = ""
 
 
 _VIT = "gs://vit_models/imagenet21k"
 _AUGREG = "gs://vit_models/augreg"
 _SIGLIP = "gs://big_vision/siglip"
+_MAE = "https://dl.fbaipublicfiles.com/mae/pretrain"
+_SWIN = "https://github.com/SwinTransformer/storage/releases/download"
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
@@ -92,11 +104,50 @@ ZOO: Dict[str, Entry] = {
                                  "SigLIP So400m/14 image tower, 224px"),
     "siglip-so400m14-384": Entry(f"{_SIGLIP}/webli_en_so400m_384_58765454.npz:img",
                                  "SigLIP So400m/14 image tower, 384px"),
+    # PyTorch backbones of the VPT paper's Tables 2, 4 and 5 (read without torch, `weights.torch`).
+    # MAE (He et al.) pre-trained encoders, `{'model': ...}`; VPT pools them with global_pool and a
+    # fresh fc_norm (`weights.torch_vit`).
+    "mae-vit-b16": Entry(f"{_MAE}/mae_pretrain_vit_base.pth",
+                         "MAE ViT-B/16 encoder, ImageNet-1k self-supervised, 224px", "mae"),
+    "mae-vit-l16": Entry(f"{_MAE}/mae_pretrain_vit_large.pth",
+                         "MAE ViT-L/16 encoder, ImageNet-1k self-supervised, 224px", "mae"),
+    "mae-vit-h14": Entry(f"{_MAE}/mae_pretrain_vit_huge.pth",
+                         "MAE ViT-H/14 encoder, ImageNet-1k self-supervised, 224px", "mae"),
+    # MoCo v3 (Chen et al.) ViT-B linear-evaluation file: what VPT loads (it renames it to
+    # mocov3_linear-vit-b-300ep.pth.tar). The moco-v3 README lists its md5 as starting 8f39ce.
+    "mocov3-vit-b16": Entry("https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/"
+                            "linear-vit-b-300ep.pth.tar",
+                            "MoCo v3 ViT-B/16, 300 epochs, linear-eval checkpoint, 224px", "moco",
+                            md5_prefix="8f39ce"),
+    # microsoft/Swin-Transformer releases, `{'model': ...}`; Swin-B 22k is VPT's Table 2 backbone.
+    "swin-b-22k": Entry(f"{_SWIN}/v1.0.0/swin_base_patch4_window7_224_22k.pth",
+                        "Swin-B, window 7, ImageNet-22k, 224px (VPT Table 2)", "swin"),
+    "swin-l-22k": Entry(f"{_SWIN}/v1.0.0/swin_large_patch4_window7_224_22k.pth",
+                        "Swin-L, window 7, ImageNet-22k, 224px", "swin"),
+    "swin-s-22k": Entry(f"{_SWIN}/v1.0.8/swin_small_patch4_window7_224_22k.pth",
+                        "Swin-S, window 7, ImageNet-22k, 224px", "swin"),
+    "swin-t-1k": Entry(f"{_SWIN}/v1.0.0/swin_tiny_patch4_window7_224.pth",
+                       "Swin-T, window 7, ImageNet-1k, 224px", "swin"),
+    "swin-s-1k": Entry(f"{_SWIN}/v1.0.0/swin_small_patch4_window7_224.pth",
+                       "Swin-S, window 7, ImageNet-1k, 224px", "swin"),
+    # ConvNeXt (Liu et al. 2022) and torchvision's ResNet-50 (VPT Table 5, pad prompts).
+    "convnext-b-22k": Entry("https://dl.fbaipublicfiles.com/convnext/convnext_base_22k_224.pth",
+                            "ConvNeXt-B, ImageNet-22k, 224px (VPT Table 5)", "convnext"),
+    # torchvision names its files by the first 8 hex digits of their sha256.
+    "resnet50-1k": Entry("https://download.pytorch.org/models/resnet50-19c8e357.pth",
+                         "ResNet-50 (torchvision v1.5), ImageNet-1k, 224px (VPT Table 5)",
+                         "resnet", sha256_prefix="19c8e357"),
 }
 
 
 def names() -> List[str]:
   return sorted(ZOO)
+
+
+def family_of(spec: str) -> str:
+  """A zoo name's backbone family ('vit' for anything not in the zoo)."""
+  entry = ZOO.get(spec)
+  return entry.family if entry else "vit"
 
 
 def url_for(spec: str) -> str:
