@@ -17,8 +17,11 @@ from vpt_jax.tuning import optim, pruning
 def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
   """How `vpt_jax.load_pretrained` is called.
 
-  checkpoint: a model-zoo name (`vpt_jax.weights.zoo`), a local .npz path or a gs:// / https:// URL, with
-    an optional ':subtree' suffix (SigLIP files: ':img').
+  checkpoint: a model-zoo name (`vpt_jax.weights.zoo`), a local .npz/.pth path or a gs:// /
+    https:// URL, with an optional ':subtree' suffix (SigLIP files: ':img').
+  family: 'auto' (zoo entry, .npz, or the PyTorch file's keys), 'vit', 'mae' or 'moco'
+    (`vpt_jax.weights.backbones`).
+  num_heads: attention heads of a PyTorch ViT (not stored in its file); 0 = width // 64.
   image_size: run at this resolution (position embeddings are resampled); 0 = the checkpoint's.
   num_classes: the new head's classes; 0 = the dataset's.
   drop_pre_logits: remove the tanh representation layer of ImageNet-21k checkpoints (VPT does).
@@ -28,7 +31,7 @@ def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(
       checkpoint=checkpoint, image_size=0, num_classes=0, drop_pre_logits=False,
-      dtype="float32", fast_path=True))
+      dtype="float32", fast_path=True, family="auto", num_heads=0))
 
 
 def get_config() -> ml_collections.ConfigDict:

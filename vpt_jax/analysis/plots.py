@@ -30,7 +30,7 @@ from vpt_jax.models.hooks import hook_parts
 from vpt_jax.models.vit import VisionTransformer
 from vpt_jax.prompts import vpt
 from vpt_jax.tuning import workdir as workdir_lib
-from vpt_jax.weights import npz
+from vpt_jax.weights import backbones
 
 Array = jax.Array
 COMMANDS = ("tsne", "curves", "attention")
@@ -81,8 +81,10 @@ def features(model: VisionTransformer, variables: Mapping[str, Any], images: np.
 def frozen_backbone(config) -> Tuple[VisionTransformer, Dict[str, Any]]:
   """The run's pretrained backbone as published: no prompts, no tuning."""
   m = config.model
-  return npz.load_pretrained(m.checkpoint, image_size=m.image_size or None,
-                                     drop_pre_logits=m.drop_pre_logits)
+  return backbones.load_pretrained(m.checkpoint, family=m.get("family", "auto"),
+                                   num_heads=m.get("num_heads", 0),
+                                   image_size=m.image_size or None,
+                                   drop_pre_logits=m.drop_pre_logits)
 
 
 def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -20,7 +20,7 @@ from vpt_jax.models import heads
 from vpt_jax.models.hooks import hook_parts
 from vpt_jax.models.vit import VisionTransformer
 from vpt_jax.tuning import cache, optim, rules
-from vpt_jax.weights import download, npz
+from vpt_jax.weights import backbones, download
 
 _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data",
               "batch_size", "seed", "eval_every_epochs", "log_every_steps",
@@ -140,8 +140,9 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
     raise ValueError(f"config model.num_classes={num_classes} must be > 0 (0 = from the data, "
                      "resolved by the trainer)")
   path, _ = download.resolve(mcfg.checkpoint)
-  base, variables = npz.load_pretrained(
-      mcfg.checkpoint, image_size=mcfg.image_size or None, num_classes=num_classes,
+  base, variables = backbones.load_pretrained(
+      mcfg.checkpoint, family=mcfg.get("family", "auto"), num_heads=mcfg.get("num_heads", 0),
+      image_size=mcfg.image_size or None, num_classes=num_classes,
       drop_pre_logits=mcfg.drop_pre_logits, dtype=jnp.dtype(mcfg.dtype))
   base = base.clone(fast_path=mcfg.fast_path)  # read by prompts.attach too
   prompts.check_config(config.prompt, base)

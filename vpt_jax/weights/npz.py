@@ -105,6 +105,9 @@ def read_npz(path: str) -> Dict[str, np.ndarray]:
   if not arrays:
     raise CheckpointError(f"{path}: the archive holds no arrays")
   for k, v in arrays.items():
+    if not isinstance(v, np.ndarray):   # np.load reads any zip; a PyTorch file holds pickles
+      raise CheckpointError(f"{path}: member {k!r} is not an .npy array: not an .npz archive "
+                            "(a PyTorch .pth file? see model.family)")
     if v.dtype.kind == "V" and v.dtype.itemsize == 2:  # bfloat16 saved through np.savez.
       arrays[k] = v.view(ml_dtypes.bfloat16)
     elif v.dtype.kind not in "fiub" and v.dtype != ml_dtypes.bfloat16:

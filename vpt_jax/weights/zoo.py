@@ -145,9 +145,9 @@ def names() -> List[str]:
 
 
 def family_of(spec: str) -> str:
-  """A zoo name's backbone family ('vit' for anything not in the zoo)."""
+  """A zoo name's backbone family; '' for anything not in the zoo."""
   entry = ZOO.get(spec)
-  return entry.family if entry else "vit"
+  return entry.family if entry else ""
 
 
 def url_for(spec: str) -> str:

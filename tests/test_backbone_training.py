@@ -1,0 +1,102 @@
+"""The trainer on the PyTorch backbones: MAE / MoCo v3 ViTs end to end, the others refused.
+
+The backbones are the tiny random-weight fixtures of tests/data/backbones, in their original
+PyTorch containers (MAE `{'model': ...}` zip, MoCo `{'state_dict': {'module.…'}}`), trained on the
+demo's digits. A random backbone shows the plumbing, not transfer: the check is that validation
+accuracy rises above the zero head's start (every logit equal -> class 0 for every image).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from conftest import data_path
+from vpt_jax.data import pipeline, sources
+from vpt_jax.tuning import build, loop, rules
+from vpt_jax.tuning import workdir as workdir_lib
+from vpt_jax.weights import backbones, download
+from vpt_jax.weights.torch import read_state_dict
+
+FILES = {"mae": "backbones/mae_vit.pth", "moco": "backbones/mocov3_vit.pth.tar",
+         "convnext": "backbones/convnext.pth", "resnet": "backbones/resnet.pth",
+         "swin": "swin/swin_toy_patch2_window3_48.pth"}
+FAST = "optim.lr=0.05,optim.epochs=4,optim.warmup_epochs=0,eval_every_epochs=1,log_every_steps=12"
+
+
+def cfg(family, arm="vpt-deep", extra=""):
+  base = f"model.checkpoint={data_path(FILES[family])},model.num_heads=4"
+  return demo.get_config(",".join(x for x in (arm, base, FAST, extra) if x))
+
+
+def val_top1(model, variables, config):
+  """Top-1 on the validation split, computed here (not by the trainer)."""
+  val = sources.load_splits(config.data, [config.data.val_split])[config.data.val_split]
+  pipe = pipeline.Pipeline(val, pipeline.make_preprocess(config.data, 32, False),
+                           batch_size=64, seed=0)
+  apply = jax.jit(model.apply)
+  correct = n = 0.0
+  for b in pipe.eval_batches():
+    pred = np.argmax(apply(variables, b["image"]), -1)
+    correct += float(((pred == b["label"]) * b["mask"]).sum())
+    n += float(b["mask"].sum())
+  return correct / n
+
+
+@pytest.mark.parametrize("family", ["mae", "moco"])
+def test_family_detected_from_the_file(family):
+  path = data_path(FILES[family])
+  assert backbones.detect_family(read_state_dict(path), path) == family
+
+
+def test_every_fixture_family_is_recognised():
+  for family in ("convnext", "resnet", "swin"):
+    path = data_path(FILES[family])
+    assert backbones.detect_family(read_state_dict(path), path) == family
+
+
+@pytest.mark.parametrize("family,arm", [("mae", "vpt-deep"), ("moco", "vpt-shallow")])
+def test_tiny_training_run_improves_validation_accuracy(tmp_path, family, arm):
+  config = cfg(family, arm)
+  config.model.num_classes = 10
+  start = build.build(config)
+  before = val_top1(start.model, start.variables, config)
+  wd = str(tmp_path / "run")
+  results = loop.train_and_evaluate(cfg(family, arm), wd)
+  # The tuned workdir reloads onto the .pth backbone and reproduces the trainer's figure.
+  model, variables = workdir_lib.load_tuned(wd, which="last")
+  after = val_top1(model, variables, workdir_lib.read_config(wd))
+  assert model.approximate_gelu is False and model.fc_norm == (family == "mae")
+  assert after > before + 0.05, (before, after, results["val_top1"])
+  fp = build.Built.fingerprint(start)
+  assert fp["model"]["approximate_gelu"] is False
+  assert fp["backbone_sha256"] == download.file_sha256(data_path(FILES[family]))
+
+
+@pytest.mark.parametrize("family", ["mae", "moco"])
+@pytest.mark.parametrize("protocol", ["linear", "partial-1", "bias", "full"])
+def test_protocols_train_what_they_name(family, protocol):
+  config = cfg(family, "linear", f"protocol={protocol}")
+  config.model.num_classes = 10
+  built = build.build(config)
+  paths = [p for p, m in zip(rules.leaf_paths(built.mask), jax.tree.leaves(built.mask)) if m]
+  assert "params/head/kernel" in paths
+  if protocol == "linear":
+    assert paths == ["params/head/bias", "params/head/kernel"]
+  elif protocol == "partial-1":   # the last block and the final norm (MAE: fc_norm)
+    norm = "params/fc_norm/" if family == "mae" else "params/Transformer/encoder_norm/"
+    assert any(p.startswith(norm) for p in paths)
+    assert all(p.startswith(("params/Transformer/encoderblock_1/", norm, "params/head/"))
+               for p in paths)
+  elif protocol == "bias":
+    assert all(p.endswith("bias") or p.startswith("params/head/") for p in paths)
+  else:
+    assert len(paths) == len(jax.tree.leaves(built.variables["params"]))
+
+
+@pytest.mark.parametrize("family", ["convnext", "resnet", "swin"])
+def test_non_vit_backbones_are_refused_with_the_loader_to_use(tmp_path, family):
+  config = cfg(family, "linear")
+  with pytest.raises(ValueError, match=rf"a {family} checkpoint.*weights\.torch_"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+

@@ -1,0 +1,127 @@
+"""One entry point for every backbone file the trainer tunes: `load_pretrained(spec, family=...)`.
+
+`family` picks the reader: 'vit' (the Google .npz files, `weights.npz`), 'mae' / 'moco' (the
+PyTorch ViTs of VPT's Table 4, `weights.torch_vit`), or 'auto': the zoo entry's family, else
+'vit' for an .npz file, else the PyTorch file's keys decide (`detect_family`).
+
+Swin, ConvNeXt and ResNet files are recognised, but the trainer's prompt, protocol and cache code
+is written against the ViT's parameter tree, so they are refused here with an error that says
+which module loads them (`weights.torch_swin`, `weights.torch_convnets`).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from vpt_jax.models.vit import VisionTransformer, as_pair
+from vpt_jax.weights import npz, torch_vit, zoo
+from vpt_jax.weights.download import CheckpointError, resolve
+from vpt_jax.weights.torch import read_state_dict
+
+FAMILIES = ("auto", "vit", "mae", "moco", "swin", "convnext", "resnet")
+TRAINER_FAMILIES = ("vit", "mae", "moco")
+_LOADED_BY = {"swin": "vpt_jax.weights.torch_swin.load_pretrained",
+              "convnext": "vpt_jax.weights.torch_convnets.convnext_from_torch",
+              "resnet": "vpt_jax.weights.torch_convnets.resnet_from_torch"}
+
+
+def detect_family(state: Mapping[str, np.ndarray], path: str) -> str:
+  """The family of a PyTorch state dict, from its key names (MoCo: the linear-eval `head`)."""
+  keys = set(state)
+  if any(k.endswith("relative_position_bias_table") for k in keys):
+    return "swin"
+  if any(k.startswith(("stages.", "downsample_layers.")) for k in keys):
+    return "convnext"
+  if "layer1.0.conv1.weight" in keys:
+    return "resnet"
+  if "patch_embed.proj.weight" in keys or "base_encoder.patch_embed.proj.weight" in keys:
+    # MAE's pre-training files carry no classifier; MoCo v3's linear-eval files (what VPT reads)
+    # and pre-training files (`base_encoder.`) do, or are MoCo by their prefix.
+    moco = "head.weight" in keys or any(k.startswith("base_encoder.") for k in keys)
+    return "moco" if moco else "mae"
+  raise CheckpointError(f"{path}: cannot tell the backbone family from its keys (first: "
+                        f"{sorted(keys)[:5]}); set model.family to one of {FAMILIES[1:]}")
+
+
+def default_num_heads(width: int) -> int:
+  """Heads of the published PyTorch ViTs (not stored in their files): head width 64."""
+  return max(1, width // 64)
+
+
+def load_pretrained(spec: str, *, family: str = "auto", num_heads: int = 0,
+                    image_size: Optional[int | Sequence[int]] = None,
+                    num_classes: Optional[int] = None, drop_pre_logits: bool = False,
+                    dtype: Any = jnp.float32, cache_dir: Optional[str] = None,
+                    ) -> Tuple[VisionTransformer, Dict[str, Any]]:
+  """(model, variables) of a backbone file of any trainer family (see the module docstring).
+
+  num_heads: for the PyTorch ViTs, whose files do not store it; 0 = width // 64 (ViT-B: 12,
+    ViT-L/H: 16). The other arguments as `weights.npz.load_pretrained`; `drop_pre_logits` has no
+    effect on the PyTorch ViTs (they have no representation layer).
+  """
+  if family not in FAMILIES:
+    raise ValueError(f"model.family={family!r}: expected one of {FAMILIES}")
+  if family == "auto":
+    family = zoo.family_of(spec) or "auto"
+  path = None
+  if family == "auto":
+    path, subtree = resolve(spec, cache_dir)
+    family = "vit" if subtree or _is_npz(path) else "auto"
+  if family == "vit":
+    return npz.load_pretrained(spec, image_size=image_size, num_classes=num_classes,
+                               drop_pre_logits=drop_pre_logits, dtype=dtype, cache_dir=cache_dir)
+  if path is None:
+    path, _ = resolve(spec, cache_dir)
+  state = read_state_dict(path)
+  found = detect_family(state, path)
+  if family in ("mae", "moco") and found not in ("mae", "moco"):
+    raise CheckpointError(f"{path}: model.family={family!r}, but the file holds a {found} "
+                          "state dict")
+  family = family if family in ("mae", "moco") else found
+  if family not in TRAINER_FAMILIES:
+    raise CheckpointError(
+        f"{path}: a {family} checkpoint; the trainer tunes ViT-family backbones "
+        f"({', '.join(TRAINER_FAMILIES)}) only. Load it with {_LOADED_BY[family]} (fixture-exact "
+        "model and prompts, see README 'Model zoo').")
+  width = int(state.get("patch_embed.proj.weight",
+                        state.get("base_encoder.patch_embed.proj.weight")).shape[0])
+  model, params = torch_vit.vit_from_torch(state, family=family, path=path,
+                                           num_heads=num_heads or default_num_heads(width))
+  overrides: Dict[str, Any] = {"dtype": dtype}
+  if image_size is not None and as_pair(image_size) != tuple(model.image_size):
+    size = as_pair(image_size)
+    ph, pw = model.patch_size
+    if size[0] % ph or size[1] % pw:
+      raise ValueError(f"image_size {size} is not a multiple of the patch size "
+                       f"{model.patch_size} of {path}")
+    params = dict(params, pos_embedding=npz.resample_posemb(
+        np.asarray(params["pos_embedding"]), model.grid, (size[0] // ph, size[1] // pw),
+        cls_row=True))
+    overrides["image_size"] = size
+  if num_classes is not None:
+    if num_classes < 1:
+      raise ValueError(f"num_classes must be positive, got {num_classes}")
+    params = dict(params, head={"kernel": np.zeros((model.width, num_classes), np.float32),
+                                "bias": np.zeros((num_classes,), np.float32)})
+    overrides["num_classes"] = num_classes
+  params = _as_jnp(params)
+  return model.clone(**overrides), {"params": params}
+
+
+def _is_npz(path: str) -> bool:
+  """An .npz archive holds .npy members only; a PyTorch zip holds a pickle and raw storages."""
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    names = z.namelist()
+  return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _as_jnp(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {k: _as_jnp(v) for k, v in tree.items()}
+  return jnp.asarray(tree)
