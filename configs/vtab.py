@@ -15,6 +15,12 @@ the rate used at batch_size, so use grid_value * batch_size / 256 (x 0.5 at the 
 Data via tensorflow-datasets (prepared beforehand: `tfds build NAME`; sun397, resisc45 and
 diabetic_retinopathy need manual downloads). The 19 tasks, their builders, split arithmetic and
 label transforms are one table: `vpt_jax.data.vtab.TASKS`.
+
+Backbone flags (VPT Table 4): `mae` (MAE ViT-B/16) or `moco` (MoCo v3 ViT-B/16 linear-eval file),
+e.g. `configs/vtab.py:cifar100,mae`. They read the PyTorch files (zoo names in BACKBONES) with
+ImageNet mean/std inputs, as those were trained and as the official code feeds them; `lr_grid(arg)`
+gives the official grid for the flag and protocol (`linear_mae` adds three small rates). Swin,
+ConvNeXt and ResNet are not trained by `vpt_jax.main` yet (README, Status).
 """
 
 import ml_collections
@@ -25,11 +31,24 @@ from vpt_jax.data.vtab import TASKS
 LR_GRID = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)   # per 256 images (official)
 WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
 SEEDS = (42, 44, 82, 100, 800)                            # the final runs' seeds (official)
+# Official `get_lrwd_range` grids of the other backbones (per 256 images).
+LINEAR_MAE_LR_GRID = LR_GRID + (0.025, 0.005, 0.0025)      # 'linear_mae': linear on MAE / MoCo
+PROMPT_RESNET_LR_GRID = (5, 2.5, 1, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01)   # ConvNets, pad prompts
+BACKBONES = {"mae": "mae-vit-b16", "moco": "mocov3-vit-b16"}   # flag -> zoo name (PyTorch file)
+FLAGS = ("final", "folder", "e2vpt") + tuple(BACKBONES)
+
+
+def lr_grid(arg=None):
+  """The official lr grid for this argument's backbone and protocol (`vpt_jax.sweep`)."""
+  c = get_config(arg)
+  if c.model.checkpoint in BACKBONES.values() and c.protocol == "linear":
+    return LINEAR_MAE_LR_GRID
+  return LR_GRID
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   names, overrides = common.split_arg(arg or "cifar100")
-  task = [n for n in names if n not in ("final", "folder", "e2vpt")]
+  task = [n for n in names if n not in FLAGS]
   if len(task) != 1 or task[0] not in TASKS:
     raise ValueError(f"configs/vtab.py argument {arg!r}: expected a task of {', '.join(TASKS)}")
   t = TASKS[task[0]]
@@ -50,5 +69,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.optim.lr = 1.0 * c.batch_size / 256   # a mid-grid value; tune per task with LR_GRID
   if "e2vpt" in names:  # E2VPT's default for most VTAB tasks: 10 visual + 5 key-value tokens
     c.prompt.length, c.prompt.kv_length = 10, 5
+  backbone = [n for n in names if n in BACKBONES]
+  if len(backbone) > 1:
+    raise ValueError(f"configs/vtab.py argument {arg!r}: one backbone flag at most")
+  if backbone:  # the PyTorch ViTs: no representation layer; ImageNet-normalised inputs
+    c.model.checkpoint, c.model.drop_pre_logits = BACKBONES[backbone[0]], False
+    c.data.normalization = "imagenet"
   common.apply_arg(c, overrides)
   return c

@@ -70,3 +70,16 @@ def test_e2vpt_presets_use_the_papers_token_counts():
   f = fgvc.get_config("cub,e2vpt,prompt.kv_length=3")
   assert (f.prompt.length, f.prompt.kv_length) == (5, 3)
   assert vtab.get_config("dtd").prompt.kv_length == 0
+
+
+def test_vtab_backbone_flags():
+  from vpt_jax.weights import zoo
+  for flag, family in (("mae", "mae"), ("moco", "moco")):
+    c = vtab.get_config(f"cifar100,{flag}")
+    assert zoo.family_of(c.model.checkpoint) == family
+    assert c.data.normalization == "imagenet" and not c.model.drop_pre_logits
+    assert vtab.lr_grid(f"cifar100,{flag},protocol=linear")[-3:] == (0.025, 0.005, 0.0025)
+    assert vtab.lr_grid(f"cifar100,{flag}") == vtab.LR_GRID
+  assert vtab.get_config("cifar100").model.checkpoint == "vit-b16-i21k"
+  with pytest.raises(ValueError, match="one backbone flag"):
+    vtab.get_config("cifar100,mae,moco")

@@ -76,7 +76,8 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
                  seeds=None) -> Dict:
   """The paper's protocol for one task; see the module docstring."""
   module = load_config_module(config_path)
-  lr_grid = [float(x) for x in (lr_grid or module.LR_GRID)]
+  lr_grid = [float(x) for x in (lr_grid or (module.lr_grid(arg) if hasattr(module, "lr_grid")
+                                             else module.LR_GRID))]
   wd_grid = [float(x) for x in (wd_grid or module.WD_GRID)]
   seeds = [int(x) for x in (seeds or module.SEEDS)]
   batch = module.get_config(arg).batch_size  # also checks the argument before any training
