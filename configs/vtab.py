@@ -75,5 +75,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if backbone:  # the PyTorch ViTs: no representation layer; ImageNet-normalised inputs
     c.model.checkpoint, c.model.drop_pre_logits = BACKBONES[backbone[0]], False
     c.data.normalization = "imagenet"
+    if backbone[0] == "mae":  # VPT's MAE pools prompts and patches together (global_pool)
+      c.prompt.pool = "all"
   common.apply_arg(c, overrides)
   return c

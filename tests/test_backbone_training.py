@@ -100,3 +100,18 @@ def test_non_vit_backbones_are_refused_with_the_loader_to_use(tmp_path, family):
   with pytest.raises(ValueError, match=rf"a {family} checkpoint.*weights\.torch_"):
     loop.train_and_evaluate(config, str(tmp_path / "run"))
 
+
+
+def test_serving_refuses_the_official_mae_pooling_and_serves_moco():
+  """MAE as VPT pools it (prompts and patches, prompt.pool='all') is not a mixed-batch plan."""
+  from vpt_jax import prompts, serving
+  for family, pool in (("mae", "all"), ("moco", "original")):
+    config = cfg(family, "vpt-deep", f"prompt.pool={pool}")
+    config.model.num_classes = 10
+    built = build.build(config)
+    if family == "mae":
+      with pytest.raises(serving.ServingError, match="prompt.pool='all'"):
+        serving.task_from_model("mae", built.model, built.variables)
+    else:
+      task = serving.task_from_model("moco", built.model, built.variables)
+      assert task.length == config.prompt.length and isinstance(built.model.hooks, prompts.VPT)

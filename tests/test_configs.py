@@ -80,6 +80,7 @@ def test_vtab_backbone_flags():
     assert c.data.normalization == "imagenet" and not c.model.drop_pre_logits
     assert vtab.lr_grid(f"cifar100,{flag},protocol=linear")[-3:] == (0.025, 0.005, 0.0025)
     assert vtab.lr_grid(f"cifar100,{flag}") == vtab.LR_GRID
+    assert c.prompt.pool == ("all" if flag == "mae" else "original")
   assert vtab.get_config("cifar100").model.checkpoint == "vit-b16-i21k"
   with pytest.raises(ValueError, match="one backbone flag"):
     vtab.get_config("cifar100,mae,moco")
