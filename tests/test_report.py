@@ -98,3 +98,20 @@ def test_report_command_writes_markdown_and_csv(protocol, tmp_path, capsys):
     rows = list(csv.DictReader(f))
   assert len(rows) == 1
   assert float(rows[0]["test_top1"]) == pytest.approx(s["test_top1_mean"], abs=1e-6)
+
+
+def test_one_row_per_method_and_backbone():
+  """Records of one method on two backbones are not averaged together."""
+  def rec(backbone, task, top1):
+    return {"dir": f"/x/{backbone}/{task}", "task": task, "group": "vtab-natural",
+            "method": "VPT-deep", "backbone": backbone, "test_top1": top1, "seeds": 1,
+            "trainable_params": 10, "backbone_params": 1000, "shared_backbone": True}
+  out = report.tables([rec("mae-vit-b16", "a", 0.5), rec("mae-vit-b16", "b", 0.7),
+                       rec("vit-b16-i21k", "a", 0.9)])
+  md = out["markdown"].splitlines()
+  assert "| VPT-deep | mae-vit-b16 | 1.02x (2 tasks) | 60.00 | - | - | - |" in md
+  assert "| VPT-deep | vit-b16-i21k | 1.01x (1 tasks) | 90.00 | - | - | - |" in md
+  assert "| VPT-deep | vit-b16-i21k | 90.0 | - |" in md
+  rows = list(csv.DictReader(io.StringIO(out["csv"])))
+  assert [r["backbone"] for r in rows] == ["mae-vit-b16", "mae-vit-b16", "vit-b16-i21k"]
+  assert report.backbone_name({"model": {"checkpoint": "/data/mae_vit.pth"}}) == "mae_vit.pth"

@@ -4,7 +4,7 @@
 
 Each directory is a protocol run (`protocol.json` from `vpt_jax.sweep --protocol`: the mean test
 top-1 over the final seeds) or a single run (`results.json`). Rows are methods (protocol, and
-VPT-deep / VPT-shallow), columns the VTAB-1k groups' means (Natural, Specialized, Structured: the
+VPT-deep / VPT-shallow) on a backbone (the `Backbone` column: zoo name or checkpoint file), columns the VTAB-1k groups' means (Natural, Specialized, Structured: the
 unweighted mean of their tasks, as the paper), the FGVC mean, and the total-params multiple over
 the tasks reported, counted as the paper does: (shared backbone + sum of per-task trainable) /
 backbone. A per-task table follows.
@@ -29,6 +29,13 @@ def method_name(config: Dict) -> str:
                                                                     config["protocol"])
 
 
+def backbone_name(config: Dict) -> str:
+  """The backbone column: the zoo name, or the checkpoint file's name."""
+  model = config.get("model", {})
+  spec = str(model.get("checkpoint", ""))
+  return os.path.basename(spec.rstrip("/")) or "?"
+
+
 def load_record(directory: str) -> Dict:
   """One task's result: test top-1 (mean over seeds for a protocol run) and its cost."""
   protocol = os.path.join(directory, "protocol.json")
@@ -49,36 +56,43 @@ def load_record(directory: str) -> Dict:
   config = r["config"]
   shared = round(r["per_task_multiple"] - r["trainable_params"] / r["backbone_params"])
   return {"dir": directory, "task": config.get("task") or os.path.basename(directory.rstrip("/")),
-          "group": config.get("group", ""), "method": method_name(config), "test_top1": top1,
+          "group": config.get("group", ""), "method": method_name(config),
+          "backbone": backbone_name(config), "test_top1": top1,
           "seeds": seeds, "trainable_params": r["trainable_params"],
           "backbone_params": r["backbone_params"], "shared_backbone": bool(shared)}
 
 
 def tables(records: Sequence[Dict]) -> Dict[str, str]:
   """{'markdown': ..., 'csv': ...} for the records."""
-  methods = list(dict.fromkeys(r["method"] for r in records))
+  # One row per (method, backbone): the papers compare methods on each backbone.
+  methods = list(dict.fromkeys((r["method"], r.get("backbone", "?")) for r in records))
   tasks = list(dict.fromkeys(r["task"] for r in records))
-  by = {(r["method"], r["task"]): r for r in records}
-  lines = ["| Method | Total params | " + " | ".join(name for _, name in GROUP_COLUMNS) + " |",
-           "| --- | --- |" + " --- |" * len(GROUP_COLUMNS)]
-  for m in methods:
-    rows = [r for r in records if r["method"] == m]
+  by = {(r["method"], r.get("backbone", "?"), r["task"]): r for r in records}
+  lines = ["| Method | Backbone | Total params | "
+           + " | ".join(name for _, name in GROUP_COLUMNS) + " |",
+           "| --- | --- | --- |" + " --- |" * len(GROUP_COLUMNS)]
+  for m, bb in methods:
+    rows = [r for r in records if (r["method"], r.get("backbone", "?")) == (m, bb)]
     b = rows[0]["backbone_params"]
     total = (b * any(r["shared_backbone"] for r in rows) + sum(r["trainable_params"] for r in rows))
     cells = []
     for group, _ in GROUP_COLUMNS:
       vals = [100 * r["test_top1"] for r in rows if r["group"] == group]
       cells.append(f"{sum(vals) / len(vals):.2f}" if vals else "-")
-    lines.append(f"| {m} | {total / b:.2f}x ({len(rows)} tasks) | " + " | ".join(cells) + " |")
-  lines += ["", "| Method | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
-  for m in methods:
-    cells = [f"{100 * by[(m, t)]['test_top1']:.1f}" if (m, t) in by else "-" for t in tasks]
-    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append(f"| {m} | {bb} | {total / b:.2f}x ({len(rows)} tasks) | " + " | ".join(cells)
+                 + " |")
+  lines += ["", "| Method | Backbone | " + " | ".join(tasks) + " |",
+            "| --- | --- |" + " --- |" * len(tasks)]
+  for m, bb in methods:
+    cells = [f"{100 * by[(m, bb, t)]['test_top1']:.1f}" if (m, bb, t) in by else "-"
+             for t in tasks]
+    lines.append(f"| {m} | {bb} | " + " | ".join(cells) + " |")
   buf = io.StringIO()
   w = csv.writer(buf)
-  w.writerow(["method", "task", "group", "test_top1", "seeds", "trainable_params",
+  w.writerow(["method", "backbone", "task", "group", "test_top1", "seeds", "trainable_params",
               "backbone_params", "dir"])
   for r in records:
-    w.writerow([r["method"], r["task"], r["group"], f"{r['test_top1']:.6f}", r["seeds"],
+    w.writerow([r["method"], r.get("backbone", "?"), r["task"], r["group"],
+                f"{r['test_top1']:.6f}", r["seeds"],
                 r["trainable_params"], r["backbone_params"], r["dir"]])
   return {"markdown": "\n".join(lines), "csv": buf.getvalue()}
