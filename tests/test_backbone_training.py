@@ -13,7 +13,7 @@ import pytest
 from configs import demo
 from conftest import data_path
 from vpt_jax.data import pipeline, sources
-from vpt_jax.tuning import build, loop, rules
+from vpt_jax.tuning import build, cache, loop, rules
 from vpt_jax.tuning import workdir as workdir_lib
 from vpt_jax.weights import backbones, download
 from vpt_jax.weights.torch import read_state_dict
@@ -92,6 +92,27 @@ def test_protocols_train_what_they_name(family, protocol):
     assert all(p.endswith("bias") or p.startswith("params/head/") for p in paths)
   else:
     assert len(paths) == len(jax.tree.leaves(built.variables["params"]))
+  # Cached features: the frozen prefix ends where the first trainable leaf is.
+  expected = {"linear": 2, "partial-1": 1, "bias": 0, "full": 0}[protocol]
+  assert cache.entry_layer(built.model, built.mask)[0] == expected
+
+
+@pytest.mark.parametrize("family", ["mae", "moco"])
+def test_entering_at_a_later_layer_computes_the_same_logits(family):
+  """What the cached-features path relies on, with MAE's fc_norm after the pooling."""
+  config = cfg(family, "linear")
+  config.model.num_classes = 10
+  built = build.build(config)
+  rng = np.random.default_rng(0)
+  params = dict(built.variables["params"])
+  params["head"] = {"kernel": rng.normal(size=(64, 10)).astype(np.float32),
+                    "bias": rng.normal(size=(10,)).astype(np.float32)}
+  images = rng.uniform(-1, 1, size=(4, 32, 32, 3)).astype(np.float32)
+  full, inter = built.model.apply({"params": params}, images, mutable=["intermediates"])
+  tokens = inter["intermediates"]["Transformer"]["block_0"][0]
+  later = built.model.apply({"params": params}, tokens, start_layer=1)
+  np.testing.assert_allclose(np.asarray(later), np.asarray(full), atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(full)).max() > 0.1
 
 
 @pytest.mark.parametrize("family", ["convnext", "resnet", "swin"])
