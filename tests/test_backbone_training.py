@@ -136,3 +136,84 @@ def test_serving_refuses_the_official_mae_pooling_and_serves_moco():
     else:
       task = serving.task_from_model("moco", built.model, built.variables)
       assert task.length == config.prompt.length and isinstance(built.model.hooks, prompts.VPT)
+
+
+# ------------------------------------------------------------------------------------------------
+# Swin, ConvNeXt and ResNet are not trained by `vpt_jax.main` (refused above); their prompts and
+# head are trained here by a plain optax loop on the same digits data, which shows the models,
+# prompts and data fit together, not the trainer.
+
+
+def _digits(size):
+  config = demo.get_config("linear")
+  config.data.normalization = "imagenet"   # what these PyTorch backbones were trained on
+  splits = sources.load_splits(config.data, ["train800", "val200"])
+  out = {}
+  for name, split in splits.items():
+    pipe = pipeline.Pipeline(split, pipeline.make_preprocess(config.data, size, False),
+                             batch_size=100, seed=0)
+    batches = list(pipe.eval_batches())
+    out[name] = (np.concatenate([b["image"] for b in batches]),
+                 np.concatenate([b["label"] for b in batches]),
+                 np.concatenate([b["mask"] for b in batches]).astype(bool))
+  return out
+
+
+def _family_model(family):
+  from vpt_jax.prompts import swin as swin_prompts
+  from vpt_jax.weights import torch_convnets, torch_swin
+  path = data_path(FILES[family])
+  if family == "swin":
+    model, params = torch_swin.load_pretrained(path, image_size=(48, 48), num_classes=10)
+    model = swin_prompts.attach(model, length=4, deep=True)
+    return model, {"params": params}, swin_prompts.init_prompts(model, jax.random.PRNGKey(0)), 48
+  convert = {"convnext": torch_convnets.convnext_from_torch,
+             "resnet": torch_convnets.resnet_from_torch}[family]
+  model, variables = convert(read_state_dict(path), path=path, pad_tokens=4)
+  model = model.clone(num_classes=10)   # a new head, as VPT builds it
+  init = model.init(jax.random.PRNGKey(0), np.zeros((1, 56, 56, 3), np.float32))
+  variables = dict(variables, params=dict(variables["params"], head=init["params"]["head"]))
+  return model, variables, init["prompts"], 56   # 56 + 2 * 4 = the fixtures' 64
+
+
+@pytest.mark.parametrize("family", ["swin", "convnext", "resnet"])
+def test_prompts_and_head_learn_digits_on_the_other_families(family):
+  import optax
+  model, frozen, prompts_, size = _family_model(family)
+  data = _digits(size)
+  head = frozen["params"]["head"]
+  frozen = dict(frozen, params={k: v for k, v in frozen["params"].items() if k != "head"})
+
+  def logits_fn(tr, images):
+    v = dict(frozen, prompts=tr["prompts"], params=dict(frozen["params"], head=tr["head"]))
+    return model.apply(v, images)
+
+  def loss_fn(tr, images, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(tr, images), labels).mean()
+
+  opt = optax.adam(1e-2)
+  tr = {"prompts": prompts_, "head": head}
+  st = opt.init(tr)
+
+  @jax.jit
+  def step(tr, st, images, labels):
+    g = jax.grad(loss_fn)(tr, images, labels)
+    upd, st = opt.update(g, st, tr)
+    return optax.apply_updates(tr, upd), st
+
+  predict = jax.jit(lambda tr, images: np.argmax(logits_fn(tr, images), -1))
+
+  def val_top1(tr):
+    x, y, m = data["val200"]
+    return float(np.mean(np.asarray(predict(tr, x))[m] == y[m]))
+
+  before = val_top1(tr)
+  x, y, m = data["train800"]
+  x, y = x[m], y[m]
+  for epoch in range(3):
+    order = np.random.default_rng(epoch).permutation(len(x))
+    for i in range(0, len(x) - 63, 64):
+      idx = order[i:i + 64]
+      tr, st = step(tr, st, x[idx], y[idx])
+  after = val_top1(tr)
+  assert after > before + 0.05, (before, after)

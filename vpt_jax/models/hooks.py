@@ -21,6 +21,18 @@ because some method of the papers needs to act at exactly that point:
 * `head_input(x, images)` -- the pooled features the head reads (MLP-k heads, side networks,
   which also see the images; `images` is None when the model was entered at a later layer).
 
+Other families use the points that exist in them and add what their geometry needs (each says
+why in its own docstring):
+
+* Swin (`models.swin.SwinHooks`): prompts live in every window of their image, have no relative
+  position, change width at each patch merging and may be replaced before any block of any
+  stage, so the points are per (stage, block): `before_block`, `extra_kv`, `merge_prompts`,
+  `pool_tokens`. There is no single token sequence to hand to `layer`, hence no `LayerInput`.
+* ConvNets (`models.convnets`): only the input side exists (VPT's "prompts as learnable pixel
+  padding"), i.e. the `embed` point; their pad prompt enlarges the image instead of resizing it,
+  so it is a module of the ConvNet (`pad_tokens`) rather than a ViT `embed` hook, which must keep
+  the ViT's patch grid.
+
 `ComposedHooks` chains several hook modules while each keeps its variable paths, so a
 checkpoint's leaf names never depend on what else is attached. Hook modules declare their
 variables in `setup()` (a module may have only one compact method, and hooks have several).
