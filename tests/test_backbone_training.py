@@ -217,3 +217,12 @@ def test_prompts_and_head_learn_digits_on_the_other_families(family):
       tr, st = step(tr, st, x[idx], y[idx])
   after = val_top1(tr)
   assert after > before + 0.05, (before, after)
+
+
+def test_the_package_door_loads_a_pth_and_an_npz():
+  import vpt_jax
+  model, variables = vpt_jax.load_pretrained(data_path(FILES["moco"]), num_heads=4,
+                                             num_classes=3)
+  assert model.pool_type == "token" and variables["params"]["head"]["kernel"].shape == (64, 3)
+  model, _ = vpt_jax.load_pretrained("tiny-random")
+  assert model.approximate_gelu and not model.fc_norm

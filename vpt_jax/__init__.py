@@ -6,6 +6,7 @@ The door most users open first:
                                                drop_pre_logits=True)
     logits = model.apply(variables, images)   # NHWC float32 in [-1, 1]
 
+`load_pretrained` also reads the MAE / MoCo v3 PyTorch files (`family='auto'` tells them apart).
 `load_tuned(workdir)` gives a tuned run (unpacks as `model, variables`); `attach` plugs VPT
 prompts into a model.
 """
@@ -16,7 +17,8 @@ from vpt_jax.prompts.vpt import attach
 from vpt_jax.tuning.workdir import Tuned, load_tuned
 from vpt_jax.weights import zoo
 from vpt_jax.weights.download import CheckpointError
-from vpt_jax.weights.npz import inspect, load_pretrained
+from vpt_jax.weights.backbones import load_pretrained   # .npz ViTs, and MAE / MoCo .pth files
+from vpt_jax.weights.npz import inspect
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "EncoderHooks", "Hooks", "LayerInput", "Tuned",
