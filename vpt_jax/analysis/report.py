@@ -4,8 +4,9 @@
 
 Each directory is a protocol run (`protocol.json` from `vpt_jax.sweep --protocol`: the mean test
 top-1 over the final seeds) or a single run (`results.json`). Rows are methods (protocol, and
-VPT-deep / VPT-shallow) on a backbone (the `Backbone` column: zoo name or checkpoint file), columns the VTAB-1k groups' means (Natural, Specialized, Structured: the
-unweighted mean of their tasks, as the paper), the FGVC mean, and the total-params multiple over
+VPT-deep / VPT-shallow) on a backbone (the `Backbone` column: zoo name or checkpoint file),
+columns the VTAB-1k groups' means (Natural, Specialized, Structured: the unweighted mean of their
+tasks, as the paper), the FGVC mean, and the total-params multiple over
 the tasks reported, counted as the paper does: (shared backbone + sum of per-task trainable) /
 backbone. A per-task table follows.
 """
