@@ -1,0 +1,1 @@
+"""Tasks beyond image classification that reuse the (prompted) backbones: semantic segmentation."""
