@@ -393,3 +393,59 @@ def test_multi_scale_flip_matches_numpy():
   np.testing.assert_allclose(got, want / 6, atol=1e-5)
   single = seg_inference.multi_scale_inference(fn, image, crop=(21, 21), stride=(21, 21))
   assert np.abs(single - got).max() > 1e-3  # scales and flips do change the result
+
+
+def test_protocol_patterns_and_dense_backbone(tiny):
+  from vpt_jax import partition
+  model, variables, images = tiny
+  dense, v = seg.dense_backbone(model, variables)
+  assert "head" not in v["params"] and dense.num_classes is None
+  maps = seg.patch_maps(dense, v, images, (1,))
+  np.testing.assert_array_equal(maps[1], seg.patch_maps(model, variables, images, (1,))[1])
+  fast = vpt.attach(dense, prompt_cfg())
+  v = {**v, "prompts": vpt.init_prompts(fast, jax.random.PRNGKey(0))}
+  counts = {}
+  for proto in seg.BACKBONE_PATTERNS:
+    mask = partition.label(v, seg.backbone_patterns(proto))
+    counts[proto] = partition.count(partition.split(v, mask)[0])
+  n_prompts = 2 * 3 * 64  # 2 layers x 3 tokens x width
+  n_params = partition.count(v["params"])
+  assert counts["head"] == 0 and counts["vpt"] == n_prompts
+  assert counts["full"] == n_params
+  assert counts["vpt+bias"] == counts["bias"] + n_prompts and 0 < counts["bias"] < n_params
+  with pytest.raises(ValueError, match="protocol 'linear'"):
+    seg.backbone_patterns("linear")
+
+
+def test_train_step_sgd_poly_head_lr_mult(tiny):
+  """First SGD step (momentum buffer empty): delta = -lr * grad, heads at 10x lr; the poly
+  schedule then decays to end_lr."""
+  from vpt_jax import partition
+  model, variables, images = tiny
+  dense, v = seg.dense_backbone(model, variables)
+  dec, aux = tiny_specs()
+  sm = seg.Segmenter(dense, seg.SETRPUP(num_classes=3, decode=dec, aux=aux))
+  hv = sm.init_head(jax.random.PRNGKey(0))
+  t_b, frozen = partition.split(v, partition.label(v, seg.backbone_patterns("bias")))
+  tx = seg.sgd_poly(lr=0.1, steps=10)
+  state = seg.init_train_state({"backbone": t_b, "head": hv["params"]}, hv["batch_stats"], tx,
+                               jax.random.PRNGKey(1))
+  batch = {"image": images, "label": jax.random.randint(jax.random.PRNGKey(2), (2, 32, 32), 0, 3)}
+  step = jax.jit(seg.make_train_step(sm, tx))
+  new, metrics = step(state, frozen, batch)
+
+  def loss(tr):
+    (d, a), _ = sm.apply(partition.merge(tr["backbone"], frozen),
+                         {"params": tr["head"], "batch_stats": hv["batch_stats"]}, images,
+                         train=True)
+    return seg.segmentation_loss(d, a, batch["label"], sm.head)[0]
+  grads = jax.grad(loss)(state["trainable"])
+  np.testing.assert_allclose(metrics["loss"], loss(state["trainable"]), rtol=1e-5)
+  for group, lr in (("backbone", 0.1), ("head", 1.0)):
+    jax.tree_util.tree_map(
+        lambda a, b, g: np.testing.assert_allclose(b - a, -lr * g, atol=1e-6),
+        state["trainable"][group], new["trainable"][group], grads[group])
+  assert int(new["step"]) == 1
+  import optax
+  sched = optax.polynomial_schedule(0.1, 1e-4, 0.9, 10)
+  np.testing.assert_allclose(sched(5), (0.1 - 1e-4) * 0.5 ** 0.9 + 1e-4, rtol=1e-6)

@@ -45,6 +45,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
+
+from vpt_jax import partition
 
 from vpt_jax.models.vit import LN_EPS, VisionTransformer
 
@@ -262,3 +265,87 @@ def segmentation_loss(decode: Array, aux: Sequence[Array], labels: Array, head: 
     parts[f"aux_{k}"] = ce(x)
     total = total + spec.weight * parts[f"aux_{k}"]
   return total, parts
+
+
+# Which backbone leaves train under each of the paper's Table 3 protocols (the heads always
+# train). Paths as `vpt_jax.partition` writes them; the ViT's classification head is not part of
+# a segmentation backbone (`dense_backbone` removes it).
+BACKBONE_PATTERNS: Dict[str, Tuple[str, ...]] = {
+    "full": (r"params/.*",),
+    "head": (),
+    "bias": (r"params/.*/bias",),
+    "vpt": (r"prompts/.*",),
+    "vpt+bias": (r"prompts/.*", r"params/.*/bias"),
+}
+
+
+def backbone_patterns(protocol: str) -> Tuple[str, ...]:
+  """Trainable-path patterns of the backbone for a segmentation protocol (see BACKBONE_PATTERNS;
+  E2VPT key-value prompts live in 'prompts' too, so 'vpt' covers them)."""
+  if protocol not in BACKBONE_PATTERNS:
+    raise ValueError(f"segmentation protocol {protocol!r}: expected one of "
+                     f"{sorted(BACKBONE_PATTERNS)}")
+  return BACKBONE_PATTERNS[protocol]
+
+
+def dense_backbone(model: VisionTransformer,
+                   variables: Variables) -> Tuple[VisionTransformer, Dict[str, Any]]:
+  """The backbone without its classifier (head, pre_logits, MAP pooling): what segmentation uses,
+  so that 'full' and 'bias' do not count or train weights the feature maps never reach."""
+  params = {k: v for k, v in dict(variables["params"]).items()
+            if k not in ("head", "pre_logits", "MAPHead_0")}
+  pool = "gap" if model.pool_type == "map" else model.pool_type
+  model = model.clone(num_classes=None, representation_size=None, pool_type=pool)
+  return model, {**variables, "params": params}
+
+
+# -- training ------------------------------------------------------------------------------------
+
+def sgd_poly(*, lr: float = 1e-3, head_lr_mult: float = 10.0, momentum: float = 0.9,
+             end_lr: float = 1e-4, power: float = 0.9, steps: int = 160_000,
+             weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SETR's ADE20K optimiser: SGD with momentum, lr (base - end) * (1 - t / steps)^power + end
+  per parameter group (mmseg PolyLR with eta_min), heads at head_lr_mult x the base lr (mmseg's
+  custom_keys {'head': lr_mult 10}); weight decay 0 in the SETR config (L2 added to the gradient,
+  as torch SGD does, when > 0). Applies to trees {'backbone': ..., 'head': ...}."""
+  def group(base):
+    sched = optax.polynomial_schedule(base, end_lr, power, steps)
+    parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    return optax.chain(*parts, optax.sgd(sched, momentum=momentum))
+  return optax.multi_transform(
+      {"backbone": group(lr), "head": group(lr * head_lr_mult)},
+      lambda tree: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in tree.items()})
+
+
+def init_train_state(trainable: Dict[str, Any], batch_stats: Any,
+                     tx: optax.GradientTransformation, rng: Array) -> Dict[str, Any]:
+  """{'trainable': {'backbone', 'head'}, 'batch_stats', 'opt_state', 'rng', 'step'}."""
+  return {"trainable": trainable, "batch_stats": batch_stats, "opt_state": tx.init(trainable),
+          "rng": rng, "step": jnp.zeros((), jnp.int32)}
+
+
+def make_train_step(segmenter: Segmenter, tx: optax.GradientTransformation, *,
+                    ignore_index: int = IGNORE_INDEX, average: str = "all"):
+  """step(state, frozen_backbone, batch {'image', 'label'}) -> (state, metrics).
+
+  Only state['trainable'] (backbone leaves chosen by the protocol's patterns, and the head
+  parameters) is differentiated; the frozen backbone leaves are a plain input.
+  """
+  def loss_fn(trainable, batch_stats, frozen, batch, rng):
+    backbone_vars = partition.merge(trainable["backbone"], frozen)
+    head_vars = {"params": trainable["head"], "batch_stats": batch_stats}
+    (decode, aux), new = segmenter.apply(backbone_vars, head_vars, batch["image"], train=True,
+                                         rngs={"dropout": rng})
+    loss, parts = segmentation_loss(decode, aux, batch["label"], segmenter.head,
+                                    ignore_index=ignore_index, average=average)
+    return loss, (parts, new["batch_stats"])
+
+  def step(state, frozen, batch):
+    rng, sub = jax.random.split(state["rng"])
+    (loss, (parts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["trainable"], state["batch_stats"], frozen, batch, sub)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+    new = {"trainable": optax.apply_updates(state["trainable"], updates), "batch_stats": stats,
+           "opt_state": opt_state, "rng": rng, "step": state["step"] + 1}
+    return new, {"loss": loss, **parts}
+  return step
