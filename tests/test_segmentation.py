@@ -449,3 +449,42 @@ def test_train_step_sgd_poly_head_lr_mult(tiny):
   import optax
   sched = optax.polynomial_schedule(0.1, 1e-4, 0.9, 10)
   np.testing.assert_allclose(sched(5), (0.1 - 1e-4) * 0.5 ** 0.9 + 1e-4, rtol=1e-6)
+
+
+def test_evaluate_confusion_over_images_of_different_sizes():
+  """Pointwise toy model, images smaller and larger than the crop: the accumulated matrix equals
+  numpy's count of argmax(x W) against the labels (ignored pixels skipped)."""
+  rng = np.random.default_rng(2)
+  examples = []
+  want = np.zeros((4, 4), np.int64)
+  for h, w in [(20, 25), (40, 33)]:
+    image = rng.normal(size=(h, w, 3)).astype(np.float32)
+    label = rng.integers(0, 4, size=(h, w))
+    label[rng.random(label.shape) < 0.2] = 255
+    examples.append({"image": image, "label": label})
+    pred = pointwise(image[None])[0].argmax(-1)
+    ok = label != 255
+    np.add.at(want, (label[ok], pred[ok]), 1)
+  got, n = seg_inference.evaluate(pointwise, examples, 4, crop=(32, 32), stride=(21, 21),
+                                  batch_size=2)
+  assert n == 2
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="predicts 4 classes; num_classes=5"):
+    seg_inference.evaluate(pointwise, examples, 5, crop=(32, 32), stride=(21, 21))
+
+
+def test_predict_fn_slide_equals_whole_image_at_crop_size(tiny):
+  model, variables, images = tiny
+  dense, v = seg.dense_backbone(model, variables)
+  dec, aux = tiny_specs()
+  sm = seg.Segmenter(dense, seg.SETRPUP(num_classes=3, decode=dec, aux=aux))
+  hv = seg.Segmenter.init_head(sm, jax.random.PRNGKey(0))
+  fn = seg_inference.make_predict_fn(sm, v, hv)
+  image = np.asarray(images[0])
+  got = seg_inference.slide_inference(fn, image, crop=(32, 32), stride=(21, 21))
+  np.testing.assert_allclose(got, fn(image[None])[0], atol=1e-6)
+  # A smaller image is padded with 0 at the bottom/right: the same as padding it by hand.
+  small = seg_inference.slide_inference(fn, image[:20, :24], crop=(32, 32), stride=(21, 21))
+  padded = np.zeros_like(image)
+  padded[:20, :24] = image[:20, :24]
+  np.testing.assert_allclose(small, fn(padded[None])[0][:20, :24], atol=1e-6)

@@ -114,3 +114,33 @@ def multi_scale_inference(predict_fn: PredictFn, image: np.ndarray, *, crop: Seq
       probs = p if probs is None else probs + p
       n += 1
   return probs / n
+
+
+def make_predict_fn(segmenter, backbone_vars, head_vars) -> PredictFn:
+  """A jitted crops -> decode-head logits function (evaluation mode) for the sliding window."""
+  fn = jax.jit(lambda x: segmenter.apply(backbone_vars, head_vars, x)[0])
+  return lambda crops: np.asarray(fn(jnp.asarray(crops)))
+
+
+def evaluate(predict_fn: PredictFn, examples, num_classes: int, *, crop: Sequence[int],
+             stride: Sequence[int], scales: Sequence[float] = (1.0,), flip: bool = False,
+             batch_size: int = 1, ignore_index: int = 255) -> Tuple[np.ndarray, int]:
+  """Accumulated confusion matrix over `examples` (iterable of {'image' (h, w, 3) at test scale,
+  'label' (H, W) at the original size}); predictions are scored at the label's size.
+
+  Returns (confusion matrix (num_classes, num_classes) int64, number of images).
+  """
+  from vpt_jax.tasks.seg_metrics import confusion_matrix  # pylint: disable=g-import-not-at-top
+  total = np.zeros((num_classes, num_classes), np.int64)
+  n = 0
+  for ex in examples:
+    label = np.asarray(ex["label"])
+    probs = multi_scale_inference(predict_fn, ex["image"], crop=crop, stride=stride,
+                                  scales=scales, flip=flip, out_size=label.shape,
+                                  batch_size=batch_size)
+    if probs.shape[-1] != num_classes:
+      raise ValueError(f"the model predicts {probs.shape[-1]} classes; num_classes={num_classes}")
+    total += np.asarray(confusion_matrix(jnp.asarray(probs.argmax(-1)), jnp.asarray(label),
+                                         num_classes, ignore_index=ignore_index), np.int64)
+    n += 1
+  return total, n
