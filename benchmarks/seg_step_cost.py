@@ -9,8 +9,8 @@ heads, loss, gradients of the trainable leaves, SGD update) is lowered with abst
 (`jax.eval_shape` for every variable, so no ViT-L weights are ever allocated) and compiled; XLA's
 cost analysis gives its FLOPs and the compiled executable its temporary memory. The inference
 forward (decode head only) is costed the same way. Parameter counts follow the paper: trainable
-backbone leaves + all heads (decode and auxiliary). Images/s are measured only with --time (real
-steps on random weights), which is meant for the tiny model on a CPU.
+backbone leaves + all heads (decode and auxiliary). Images/s are measured (--time_steps real
+steps on random weights) for the tiny model only: ViT-L steps are not run on a shared CPU.
 """
 
 from __future__ import annotations
