@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import ROOT
 from configs import ade20k, seg_demo
-from vpt_jax.analysis import seg_plots
+from vpt_jax.analysis import report, seg_plots
 from vpt_jax.data import seg_sources
 from vpt_jax.tasks import seg_inference
 from vpt_jax.tuning import loop, rules, seg_loop
@@ -120,3 +120,13 @@ def test_seg_plot_writes_a_png(run_a, tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with Image.open(out) as im:
     assert im.size[0] > 100 and im.size[1] > 50
+
+
+def test_report_shows_table3_for_segmentation_runs(run_a):
+
+  with open(run_a / "results.json") as f:
+    r = json.load(f)
+  md = report.tables([report.load_record(str(run_a))])["markdown"]
+  assert "mIoU (ss)" in md and "| VPT-deep |" in md
+  assert f"{100 * r['mIoU_ss']:.2f}" in md and f"{100 * r['mIoU_ms']:.2f}" in md
+  assert f"{r['trainable_params'] / 1e6:.3f}" in md
