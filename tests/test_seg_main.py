@@ -85,7 +85,8 @@ def test_main_writes_results_with_miou(run_a):
   # Parameter count as the paper's: trainable backbone leaves (prompts) + heads.
   prompts = rules.count(tuned.backbone_vars["prompts"])
   assert r["trainable_params"] == prompts + rules.count(tuned.head_vars["params"])
-  assert r["head_params"] == rules.count(tuned.head_vars["params"]) and prompts == 2 * 8 * 64  # 2 layers x p=8 x width
+  assert r["head_params"] == rules.count(tuned.head_vars["params"])
+  assert prompts == 2 * 8 * 64  # 2 layers x p = 8 x width
 
 
 def test_resume_is_bit_identical(run_a, tmp_path):

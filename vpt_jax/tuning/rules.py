@@ -54,7 +54,8 @@ def protocol(name: str, *, depth: Optional[int] = None) -> Protocol:
   """The one registry of protocols (every name is parsed here, mlp-k and partial-k included).
 
   vpt: prompts + head. linear: head. full: everything. bias: every bias (BitFit, LayerNorm biases
-  included) + head. vpt+bias: both (the paper's Table 3). partial-k (e.g. 'partial-2'): the last k blocks, the final norm and the head.
+  included) + head. partial-k (e.g. 'partial-2'): the last k blocks, the final norm and the head.
+  vpt+bias: prompts, every bias and the head (the paper's Table 3).
   The baselines whose extra modules live in the 'modules' collection (`vpt_jax.models.heads`):
   mlp-k (k >= 2: the k - 1 hidden layers + head), adapter (every layer's adapter + head), side
   (side network and its gate + head).
