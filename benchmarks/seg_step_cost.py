@@ -102,9 +102,9 @@ def cost(name: str, protocol: str, length: int, batch: int, num_classes: int,
     rng = np.random.default_rng(0)
     real = lambda s: jax.tree_util.tree_map(
         lambda a: jnp.asarray(rng.normal(0, 0.02, a.shape), a.dtype), s)
-    st = {**real(state), "step": jnp.zeros((), jnp.int32),
-          "rng": jax.random.PRNGKey(0), "opt_state": tx.init(real(trainable))}
-    st["opt_state"] = tx.init(st["trainable"])
+    st = real(state)
+    st = st.replace(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0),
+                    opt_state=tx.init(st.trainable))
     fz = real(frozen)
     d = {"image": jnp.asarray(rng.uniform(-1, 1, (batch, h, w, 3)), jnp.float32),
          "label": jnp.asarray(rng.integers(0, num_classes, (batch, h, w)), jnp.int32)}
