@@ -13,8 +13,10 @@ and ',key=value' overrides.
 
 The paper's setting (VPT Sec. 4.3 / SETR's ADE20K config): ViT-L/16 ImageNet-21k at 512x512,
 160k iterations of batch 16, SGD lr 0.001 momentum 0.9 weight decay 0, poly decay (power 0.9) to
-1e-4, heads at 10x lr; VPT-deep with p = 10 (no E2VPT entry in the paper: e2vpt adds 10 key-value
-prompts per layer). Test: sliding window 512 / stride 341 at scale (2048, 512), multi-scale
+1e-4, heads at 10x lr. The prompt length is not stated in the paper's write-up available here:
+VPT-deep uses p = 10 (`prompt.length=...` to change it); the paper reports ~15M tuned parameters
+for VPT (heads included) vs 64M for Bias. E2VPT has no Table-3 entry: e2vpt adds 10 key-value
+prompts per layer. Test: sliding window 512 / stride 341 at scale (2048, 512), multi-scale
 (0.5..1.75) + flip.
 """
 
