@@ -36,7 +36,7 @@ def test_every_argument_loads():
     assert p.data.source == "ade20k_tfds" and p.model.drop_pre_logits
     d = ade20k.get_config(f"{arm},demo")
     assert d.to_dict() == seg_demo.get_config(arm).to_dict() and d.data.source == "shapes"
-  assert ade20k.get_config("vpt-deep").prompt.length == 10
+  assert ade20k.get_config("vpt-deep").prompt.length == 50
   assert ade20k.get_config("e2vpt").prompt.kv_length == 10
   assert ade20k.get_config("head").prompt.length == 0
   assert ade20k.get_config("bias,paper,seg.lr=0.01").seg.lr == 0.01
