@@ -203,6 +203,25 @@ def test_patch_maps_with_prompts_exclude_prompt_rows(tiny, kw):
   assert np.abs(np.asarray(maps[1] - plain[1])).max() > 1e-3
 
 
+def test_prompt_rows_come_from_the_plan_and_a_planless_insertion_is_named(tiny):
+  """Rows are counted from the prompt plan (deep, straightforward: p in every block; on the fast
+  path the prompts are keys/values only: no rows); tokens that a hook inserts without a plan make
+  the count disagree: an error."""
+  from vpt_jax.models.hooks import Hooks
+  model, variables, images = tiny
+  slow = model.clone(fast_path=False)
+  assert [seg.prompt_rows(vpt.attach(slow, prompt_cfg()), i) for i in (0, 1)] == [3, 3]
+  assert [seg.prompt_rows(vpt.attach(model, prompt_cfg()), i) for i in (0, 1)] == [0, 0]
+  assert seg.prompt_rows(vpt.attach(model, prompt_cfg(length=0, kv_length=2)), 1) == 0
+  assert seg.prompt_rows(model, 0) == 0
+
+  class Inserts(Hooks):
+    def embed(self, images, embedding, *, train):
+      return embedding(images), jnp.zeros((1, 2, 64))
+  with pytest.raises(ValueError, match="block 0 output has 67 rows; expected 1"):
+    seg.patch_maps(model.clone(hooks=Inserts()), variables, images, (0,))
+
+
 def test_patch_maps_at_another_resolution_resample_posemb():
   model, variables = load_pretrained(TINY, image_size=48)
   images = jnp.zeros((1, 48, 48, 3))
