@@ -8,7 +8,9 @@ VPT-deep / VPT-shallow) on a backbone (the `Backbone` column: zoo name or checkp
 columns the VTAB-1k groups' means (Natural, Specialized, Structured: the unweighted mean of their
 tasks, as the paper), the FGVC mean, and the total-params multiple over
 the tasks reported, counted as the paper does: (shared backbone + sum of per-task trainable) /
-backbone. A per-task table follows.
+backbone. A per-task table follows. Segmentation runs (`results.json` with task_type
+'segmentation') go into a table of their own in the paper's Table-3 layout: protocol, trainable
+parameters (heads included, as the paper counts them), mIoU single-scale and multi-scale.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def load_record(directory: str) -> Dict:
   else:
     raise FileNotFoundError(f"{directory}: neither protocol.json nor results.json (not a "
                             "finished vpt_jax run)")
+  if r.get("task_type") == "segmentation":
+    return seg_record(directory, r)
   if top1 is None:
     raise ValueError(f"{directory}: the run has no test result (config data.test_split is empty)")
   config = r["config"]
@@ -63,8 +67,40 @@ def load_record(directory: str) -> Dict:
           "backbone_params": r["backbone_params"], "shared_backbone": bool(shared)}
 
 
+SEG_METHODS = {"full": "Full", "head": "Head only", "bias": "Bias", "vpt": "VPT-deep",
+               "vpt+bias": "VPT+Bias", "e2vpt": "E2VPT"}
+
+
+def seg_record(directory: str, r: Dict) -> Dict:
+  """A segmentation run's row of Table 3."""
+  config = r["config"]
+  return {"dir": directory, "kind": "segmentation",
+          "task": config.get("task") or os.path.basename(directory.rstrip("/")),
+          "method": SEG_METHODS.get(r["protocol"], r["protocol"]),
+          "trainable_params": r["trainable_params"], "head_params": r["head_params"],
+          "mIoU_ss": r.get("mIoU_ss"), "mIoU_ms": r.get("mIoU_ms")}
+
+
+def seg_table(records: Sequence[Dict]) -> str:
+  """Table 3's layout (Markdown): one row per segmentation run."""
+  pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+  lines = ["| Task | Method | Trainable params (M, heads incl.) | mIoU (ss) | mIoU (ms) |",
+           "| --- | --- | --- | --- | --- |"]
+  for r in records:
+    lines.append(f"| {r['task']} | {r['method']} | {r['trainable_params'] / 1e6:.3f} | "
+                 f"{pct(r['mIoU_ss'])} | {pct(r['mIoU_ms'])} |")
+  return "\n".join(lines)
+
+
 def tables(records: Sequence[Dict]) -> Dict[str, str]:
-  """{'markdown': ..., 'csv': ...} for the records."""
+  """{'markdown': ..., 'csv': ...} for the records (segmentation runs in a Table-3 table)."""
+  segs = [r for r in records if r.get("kind") == "segmentation"]
+  records = [r for r in records if r.get("kind") != "segmentation"]
+  if not records:
+    return {"markdown": seg_table(segs), "csv": ""}
+  if segs:
+    out = tables(records)
+    return {"markdown": out["markdown"] + "\n\n" + seg_table(segs), "csv": out["csv"]}
   # One row per (method, backbone): the papers compare methods on each backbone.
   methods = list(dict.fromkeys((r["method"], r.get("backbone", "?")) for r in records))
   tasks = list(dict.fromkeys(r["task"] for r in records))

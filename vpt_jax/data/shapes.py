@@ -177,6 +177,37 @@ def make_shapes(n: int, seed: int, image_size: int = 32) -> Tuple[np.ndarray, np
   The classes are balanced (up to n mod classes) and shuffled; the same (n, seed, image_size)
   always gives the same arrays. Scale, thickness and noise are relative to `image_size`.
   """
+  images, labels, _ = _render(n, seed, image_size)
+  return images, labels
+
+
+def make_shape_masks(n: int, seed: int, image_size: int = 32, *, tiles: int = 1,
+                     threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+  """A segmentation task: `n` images (n, H, W, 3) uint8 and pixel masks (n, H, W) int32.
+
+  Mask values: 0 = background, c + 1 = a pixel of shape class c (`SHAPE_CLASSES[c]`), i.e.
+  len(SHAPE_CLASSES) + 1 classes; a pixel belongs to the shape where its rendered coverage is at
+  least `threshold`. tiles=1: the images of `make_shapes(n, seed, image_size)` exactly (one shape
+  each); tiles=k: every image is a k x k mosaic of shapes drawn at image_size // k (several
+  classes per image), deterministic in (n, seed, image_size, tiles).
+  """
+  if tiles < 1 or image_size % tiles:
+    raise ValueError(f"tiles={tiles} must be a positive divisor of image_size={image_size}")
+  if not 0.0 < threshold <= 1.0:
+    raise ValueError(f"threshold={threshold} must be in (0, 1]")
+  t = image_size // tiles
+  images, labels, coverage = _render(n * tiles * tiles, seed, t)
+  masks = np.where(coverage >= threshold, labels[:, None, None] + 1, 0).astype(np.int32)
+
+  def mosaic(a: np.ndarray) -> np.ndarray:
+    a = a.reshape((n, tiles, tiles, t, t) + a.shape[3:])
+    a = np.swapaxes(a, 2, 3)  # (n, row, y, col, x, ...)
+    return a.reshape((n, image_size, image_size) + a.shape[5:])
+  return mosaic(images), mosaic(masks)
+
+
+def _render(n: int, seed: int, image_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(images, labels, coverage (n, H, W) float32 in [0, 1]) of `make_shapes`."""
   if n < 0:
     raise ValueError(f"n must be >= 0, got {n}")
   if image_size < 8:
@@ -226,4 +257,4 @@ def make_shapes(n: int, seed: int, image_size: int = 32) -> Tuple[np.ndarray, np
     noise = noise_rng.standard_normal(img.shape, dtype=np.float32)
     img += noise * noise_std[sl, None, None, None].astype(np.float32)
     images[sl] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
-  return images, labels
+  return images, labels, coverage

@@ -24,7 +24,8 @@ from vpt_jax.weights import backbones, download
 
 _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data",
               "batch_size", "seed", "eval_every_epochs", "log_every_steps",
-              "checkpoint_every_steps", "keep_checkpoints", "modules", "cache_features"}
+              "checkpoint_every_steps", "keep_checkpoints", "modules", "cache_features",
+              "seg"}
 # Model fields that determine the parameters and their function (not execution choices such as
 # `fast_path` or `dtype`).
 ARCHITECTURE = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes",

@@ -21,7 +21,8 @@ import numpy as np
 from vpt_jax import utils
 from vpt_jax.data import pipeline, sources
 from vpt_jax.prompts import e2vpt
-from vpt_jax.tuning import build, cache, optim, pruning, rules, steps, workdir as workdir_lib
+from vpt_jax.tuning import build, cache, optim, pruning, rules, seg_loop, steps
+from vpt_jax.tuning import workdir as workdir_lib
 from vpt_jax.tuning.metrics import MetricWriter, Progress
 
 Tree = Dict[str, Any]
@@ -251,6 +252,8 @@ def _write_results(run: Run, results: Dict[str, Any]) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains what the config's rule selects, evaluates, checkpoints; returns the results dict."""
+  if "seg" in config:  # a segmentation run (SETR-PUP heads): `vpt_jax.tuning.seg_loop`
+    return seg_loop.train_and_evaluate(config, workdir)
   t_start = time.time()
   run = prepare(config, workdir)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)

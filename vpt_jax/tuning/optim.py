@@ -6,6 +6,7 @@ import re
 from typing import Callable, Dict, Any, Tuple
 
 import flax
+import jax
 import ml_collections
 import optax
 
@@ -66,3 +67,22 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
   return tx, schedule
+
+
+def sgd_poly(*, lr: float = 1e-3, head_lr_mult: float = 10.0, momentum: float = 0.9,
+             end_lr: float = 1e-4, power: float = 0.9, steps: int = 160_000,
+             weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SETR's ADE20K optimiser for trees {'backbone': ..., 'head': ...}: SGD with momentum, lr
+  (base - end) * (1 - t / steps)^power + end per group (mmseg PolyLR with eta_min), the heads at
+  head_lr_mult x the base lr (mmseg's custom_keys {'head': lr_mult 10}); weight decay 0 in the
+  SETR config (L2 added to the gradient, as torch SGD does, when > 0)."""
+  if lr <= 0 or steps <= 0:
+    raise ValueError(f"sgd_poly: lr={lr} and steps={steps} must be > 0")
+
+  def group(base):
+    sched = optax.polynomial_schedule(base, end_lr, power, steps)
+    parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    return optax.chain(*parts, optax.sgd(sched, momentum=momentum or None))
+  return optax.multi_transform(
+      {"backbone": group(lr), "head": group(lr * head_lr_mult)},
+      lambda tree: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in tree.items()})

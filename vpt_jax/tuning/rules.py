@@ -44,6 +44,7 @@ _PROTOCOLS = {
     "linear": ((_HEAD,), {}),
     "full": ((r".*",), {}),
     "bias": ((r"params/.*/bias", _HEAD), {}),
+    "vpt+bias": ((r"prompts/.*", r"params/.*/bias", _HEAD), {}),
     "adapter": ((r"modules/hooks/adapter_\d+/.*", _HEAD), {"adapter": True}),
     "side": ((r"modules/hooks/side/.*", _HEAD), {"side": True}),
 }
@@ -54,6 +55,7 @@ def protocol(name: str, *, depth: Optional[int] = None) -> Protocol:
 
   vpt: prompts + head. linear: head. full: everything. bias: every bias (BitFit, LayerNorm biases
   included) + head. partial-k (e.g. 'partial-2'): the last k blocks, the final norm and the head.
+  vpt+bias: prompts, every bias and the head (the paper's Table 3).
   The baselines whose extra modules live in the 'modules' collection (`vpt_jax.models.heads`):
   mlp-k (k >= 2: the k - 1 hidden layers + head), adapter (every layer's adapter + head), side
   (side network and its gate + head).
@@ -75,8 +77,8 @@ def protocol(name: str, *, depth: Optional[int] = None) -> Protocol:
     blocks = "|".join(str(i) for i in range(depth - k, depth))
     return Protocol(name, (rf"params/Transformer/encoderblock_({blocks})/.*",
                            r"params/(Transformer/encoder_norm|fc_norm)/.*", _HEAD))
-  raise ValueError(f"unknown protocol {name!r}; expected vpt, linear, full, bias, partial-k, "
-                   "mlp-k, adapter or side")
+  raise ValueError(f"unknown protocol {name!r}; expected vpt, linear, full, bias, vpt+bias, "
+                   "partial-k, mlp-k, adapter or side")
 
 
 def protocol_patterns(name: str, *, depth: Optional[int] = None) -> List[str]:

@@ -22,7 +22,7 @@ import json
 import os
 from typing import Dict, List, Sequence
 
-from vpt_jax.tuning import loop
+from vpt_jax.tuning import loop, seg_loop
 
 
 def load_config_module(path: str):
@@ -35,7 +35,9 @@ def load_config_module(path: str):
 
 
 def table(rows: List[Dict]) -> str:
-  """A fixed-width text table of arm results."""
+  """A fixed-width text table of arm results (Table 3's layout for segmentation runs)."""
+  if rows and all(r.get("task_type") == "segmentation" for r in rows):
+    return seg_loop.table(rows)
   head = ["arm", "protocol", "trainable params", "% of backbone", "val top-1", "test top-1",
           "time (s)"]
   lines = []

@@ -38,8 +38,11 @@ class FingerprintMismatch(ValueError):
 
 
 def _state_tree(state: steps.TrainState) -> Dict[str, Any]:
-  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
+  tree = {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
           "rng": state.rng}
+  if getattr(state, "batch_stats", None) is not None:  # segmentation heads' BatchNorm statistics
+    tree["batch_stats"] = state.batch_stats
+  return tree
 
 
 class Checkpointer:
@@ -89,7 +92,7 @@ class Checkpointer:
         _state_tree(abstract_state))
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target))).state
-    return steps.TrainState(**restored)
+    return type(abstract_state)(**restored)
 
   def wait(self) -> None:
     self.last.wait_until_finished()
