@@ -37,13 +37,15 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.task, c.group = t.name, f"vtab-{t.group}"
   c.data.label_key = t.label_key
   c.data.label_transform = t.label_transform
+  c.data.pixel_scale = t.pixel_scale
   if "final" in names:
     c.data.train_split, c.data.val_split = t.train800val200, ""
   else:
     c.data.train_split, c.data.val_split = t.train800, t.val200
   c.data.test_split = t.test
   if "folder" in names:  # the list files name the splits; labels are already transformed
-    c.data.update(dict(source="vtab_folder", name="", label_transform="", train_split="train800",
+    c.data.update(dict(source="vtab_folder", name="", label_transform="", pixel_scale=1,
+                       train_split="train800",
                        val_split="val200", test_split="test"))
     if "final" in names:
       c.data.train_split, c.data.val_split = "train800val200", ""

@@ -40,6 +40,9 @@ def make_preprocess(cfg: ml_collections.ConfigDict, image_size: int, train: bool
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
     image = tf.cast(image, tf.float32)
+    scale = cfg.get("pixel_scale", 1)
+    if scale != 1:
+      image = image * float(scale)  # dSprites' {0, 1} pixels -> {0, 255}, as VTAB does
     if cfg.crop == "resize":
       image = tf.image.resize(image, (image_size, image_size), "bilinear")
     else:

@@ -47,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
     dsprites_location, dsprites_orientation).
   crop: 'resize' (straight to image_size, no augmentation: VTAB) or 'resize_crop' (shorter side
     to resize_size, random crop + flip for training, central crop for evaluation: FGVC).
+  pixel_scale: decoded pixels are multiplied by this before anything else (a VTAB task's
+    `pixel_scale`: 255 for dSprites, whose tfds images hold {0, 1}; 1 elsewhere).
   normalization: 'minus_one_one' (the range the ViT checkpoints were trained on) or 'imagenet'
     (mean/std, what the official VPT code fed them).
   on_bad_image: image files that are not JPEG/PNG/GIF/BMP: 'fail' (name the file) or 'skip'
@@ -58,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="digits", name="", data_dir="", train_split="train800", val_split="val200",
       test_split="test", num_classes=0, image_key="image", label_key="label", label_transform="",
-      crop="resize", resize_size=256, normalization="minus_one_one", root="", image_dir="",
+      crop="resize", resize_size=256, pixel_scale=1, normalization="minus_one_one", root="",
+      image_dir="",
       on_bad_image="fail", val_fraction=0.1, test_fraction=0.0, holdout_fraction=0.1,
       holdout_seed=0))
 
