@@ -23,12 +23,14 @@ def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
   num_classes: the new head's classes; 0 = the dataset's.
   drop_pre_logits: remove the tanh representation layer of ImageNet-21k checkpoints (VPT does).
   dtype: compute dtype of the matmuls, 'float32' or 'bfloat16'.
+  head_init: the fresh head: 'zeros' (vit_jax / big_vision, and `load_pretrained`) or 'kaiming'
+    (the official VPT head: N(0, 2 / num_classes) weights, bias -log 99; every preset uses it).
   fast_path: compute only what the output needs (exact: same logits and gradients): VPT-deep
     prompts as keys/values only, a class-token-only last layer; False = the straightforward path.
   """
   return ml_collections.ConfigDict(dict(
       checkpoint=checkpoint, image_size=0, num_classes=0, drop_pre_logits=False,
-      dtype="float32", fast_path=True))
+      dtype="float32", fast_path=True, head_init="zeros"))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -38,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.group = ""                           # vtab-natural | vtab-specialized | vtab-structured | fgvc
   c.model = backbone()
   c.model.drop_pre_logits = True         # VPT reads the class token after the final LayerNorm
+  c.model.head_init = "kaiming"          # the official VPT head (zeros: model.head_init=zeros)
   c.prompt = prompts.default_config()    # VPT-deep, p = 50
   c.protocol = "vpt"                     # vpt | linear | full | bias | partial-k | mlp-k | adapter | side
   c.modules = heads.default_config()     # options of mlp-k / adapter / side (README "baselines")
