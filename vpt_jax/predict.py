@@ -26,7 +26,9 @@ def define_flags() -> None:
   """Command-line flags, defined only when run as a command (so the module imports cleanly)."""
   flags.DEFINE_string("workdir", None, "A tuned run's workdir (vpt_jax.main).")
   flags.DEFINE_string("checkpoint", None, "A pretrained checkpoint: zoo name, .npz path or URL.")
-  flags.DEFINE_enum("which", "best", ["best", "last"], "Checkpoint of the tuned run.")
+  flags.DEFINE_enum("which", "last", ["last", "best"],
+                    "Checkpoint of the tuned run: 'last' (what results.json reports) or 'best' "
+                    "(best on validation).")
   flags.DEFINE_integer("top_k", 3, "Classes to print per image.")
 
 
@@ -35,8 +37,9 @@ def main(argv: Sequence[str]) -> None:
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir (a tuned run) or --checkpoint")
   if FLAGS.workdir:
-    model, variables = workdir.load_tuned(FLAGS.workdir, which=FLAGS.which)
-    print(f"tuned run {FLAGS.workdir} ({FLAGS.which} checkpoint)")
+    tuned = workdir.load_tuned(FLAGS.workdir, which=FLAGS.which)
+    model, variables = tuned
+    print(f"tuned run {FLAGS.workdir}: {tuned.describe()}")
   else:
     model, variables = npz.load_pretrained(FLAGS.checkpoint)
     print(f"checkpoint {FLAGS.checkpoint}")

@@ -290,8 +290,9 @@ class MultiTaskServer:
 
   @classmethod
   def from_workdirs(cls, workdirs: Union[Sequence[str], Mapping[str, str]], *,
-                    which: str = "best") -> "MultiTaskServer":
-    """Loads every tuned run (`load_tuned`) and checks that they share one backbone.
+                    which: str = "last") -> "MultiTaskServer":
+    """Loads every tuned run (`load_tuned`; `which`: 'last', what results.json reports, or
+    'best') and checks that they share one backbone.
 
     The runs must name the same backbone file (sha256) and model config, and must not have
     trained any backbone weight (protocol vpt or linear): otherwise the error names the workdir.

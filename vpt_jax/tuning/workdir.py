@@ -156,6 +156,14 @@ class Tuned:
   config: ml_collections.ConfigDict
   mask: Any                      # the trainable rule's bool tree over `variables`
   backbone_sha256: str
+  checkpoint: str = "last"       # which checkpoint was restored: 'last' or 'best'
+  step: int = -1                 # its training step
+
+  def describe(self) -> str:
+    """Names the restored checkpoint, for output next to predictions."""
+    what = ("the last epoch's, whose numbers results.json reports" if self.checkpoint == "last"
+            else "the best on validation, not the one results.json reports")
+    return f"{self.checkpoint} checkpoint (step {self.step}; {what})"
 
   def __iter__(self) -> Iterator[Any]:
     return iter((self.model, self.variables))
@@ -172,11 +180,12 @@ class Tuned:
     return pipeline.make_preprocess(self.config.data, self.model.image_size[0], train=train)
 
 
-def load_tuned(workdir: str, *, which: str = "best") -> Tuned:
+def load_tuned(workdir: str, *, which: str = "last") -> Tuned:
   """A tuned run: its public backbone plus its saved trainable leaves (`Tuned`).
 
-  which: 'best' (best validation top-1; falls back to 'last' if the run had no validation) or
-  'last'. `model.apply(variables, images)` then predicts like the trained model.
+  which: 'last' (default: the final state, the one whose numbers results.json and the paper
+  report) or 'best' (best validation top-1; falls back to 'last' if the run had no validation).
+  `model.apply(variables, images)` then predicts like the trained model.
   """
   if which not in ("best", "last"):
     raise ValueError(f"which={which!r}: 'best' or 'last'")
@@ -190,10 +199,10 @@ def load_tuned(workdir: str, *, which: str = "best") -> Tuned:
   try:
     state = ckpt.restore(abstract, which=which)
     if state is None and which == "best":
-      state = ckpt.restore(abstract, which="last")
+      which, state = "last", ckpt.restore(abstract, which="last")
   finally:
     ckpt.close()
   if state is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint saved yet")
   return Tuned(built.model, rules.merge(state.trainable, frozen), config, built.mask,
-               built.backbone_sha256)
+               built.backbone_sha256, checkpoint=which, step=int(state.step))
