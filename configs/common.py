@@ -1,9 +1,15 @@
 """Defaults shared by every config, and the parser of the `--config=file.py:ARG` argument.
 
-Conventions (see README): `optim.lr` is the learning rate used at `batch_size` (no hidden
-scaling); the official VPT tuning scripts quote lr per 256 images, so their grid value x becomes
-x * batch_size / 256 here. Inputs are scaled to [-1, 1], the range the ViT checkpoints were
-trained on (`data.normalization='imagenet'` reproduces the official VPT code).
+Learning-rate convention (the one statement of it; see README): `optim.lr` is the rate used at
+`batch_size`, nothing is rescaled at run time. Official values come in two forms, and every
+preset converts them to the official *effective* rate at the official batch size:
+- the tuning scripts' grids (tune_vtab.py / tune_fgvc.py, and E2VPT's) are quoted per 256 images
+  and scaled by the script (`BASE_LR = lr / 256 * BATCH_SIZE`): grid value x -> x * batch / 256;
+- the shipped yaml `SOLVER.BASE_LR` values (VPT configs/prompt/*.yaml) are used as they are by
+  train.py at the yaml's batch size (128): they are the effective rate already, kept unchanged.
+Inputs are scaled to [-1, 1], the range the ViT checkpoints were trained on; the `paper`
+argument of configs/vtab.py and configs/fgvc.py selects every official choice at once
+(`paper()` below), including the ImageNet mean/std normalisation the official code used.
 """
 
 import ml_collections
@@ -68,6 +74,23 @@ def tfds_vit_b16(name: str, num_classes: int, crop: str) -> ml_collections.Confi
   c.data.num_classes = num_classes
   c.data.crop = crop
   return c
+
+
+# The official choices `paper` selects (VPT: configs/base-prompt.yaml and src/configs/config.py of
+# KMnP/vpt; E2VPT: configs/base-prompt_changed_P_VK.yaml and command.txt of ChengHan111/E2VPT).
+PAPER = dict(normalization="imagenet", head_init="kaiming", batch_size=128, epochs=100,
+             warmup_epochs=10, dropout=0.0)
+E2VPT = dict(dropout=0.1, vtab_batch_size=64, fgvc_batch_size=128)
+
+
+def paper(c: ml_collections.ConfigDict) -> None:
+  """Every official choice the defaults differ in or might: normalisation, batch, schedule, head
+  init, prompt dropout (the lr/wd are the config file's, at this batch)."""
+  c.data.normalization = PAPER["normalization"]
+  c.model.head_init = PAPER["head_init"]
+  c.batch_size = PAPER["batch_size"]
+  c.optim.epochs, c.optim.warmup_epochs = PAPER["epochs"], PAPER["warmup_epochs"]
+  c.prompt.dropout = PAPER["dropout"]
 
 
 def _parse_value(text: str, like):

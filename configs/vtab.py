@@ -7,10 +7,13 @@ Argument: a task name, `final` for the final protocol (train on train800val200 =
 report test; otherwise train800 with val200 for validation), `folder` to read the widely shared
 pre-extracted layout instead of tfds (data.root = the task's folder with images/ and the list files
 train800.txt, val200.txt, train800val200.txt, test.txt), `e2vpt` for E2VPT's prompts (10 visual +
-5 key-value tokens; prune with `python -m vpt_jax.prune`), and any `key.path=value` overrides.
+5 key-value tokens, prompt dropout 0.1, batch 64 as its command.txt; prune with
+`python -m vpt_jax.prune`), `paper` for every official choice at once (`common.paper`: ImageNet
+mean/std inputs, batch, schedule, head init, dropout), and any `key.path=value` overrides.
 Tuning protocol of the paper: lr x wd grid on train800/val200 (last-epoch val top-1), then 5 seeds
-of the final protocol. LR_GRID below is the official grid quoted per 256 images; here optim.lr is
-the rate used at batch_size, so use grid_value * batch_size / 256 (x 0.5 at the default 128).
+of the final protocol. LR_GRID below is the official grid quoted per 256 images (tune_vtab.py
+scales it by BATCH_SIZE / 256); here optim.lr is the rate used at batch_size (the convention of
+configs/common.py), so a grid value x is x * batch_size / 256 (x 0.5 at 128, x 0.25 at 64).
 
 Data via tensorflow-datasets (prepared beforehand: `tfds build NAME`; sun397, resisc45 and
 diabetic_retinopathy need manual downloads). The 19 tasks, their builders, split arithmetic and
@@ -29,7 +32,7 @@ SEEDS = (42, 44, 82, 100, 800)                            # the final runs' seed
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   names, overrides = common.split_arg(arg or "cifar100")
-  task = [n for n in names if n not in ("final", "folder", "e2vpt")]
+  task = [n for n in names if n not in ("final", "folder", "e2vpt", "paper")]
   if len(task) != 1 or task[0] not in TASKS:
     raise ValueError(f"configs/vtab.py argument {arg!r}: expected a task of {', '.join(TASKS)}")
   t = TASKS[task[0]]
@@ -49,8 +52,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                        val_split="val200", test_split="test"))
     if "final" in names:
       c.data.train_split, c.data.val_split = "train800val200", ""
-  c.optim.lr = 1.0 * c.batch_size / 256   # a mid-grid value; tune per task with LR_GRID
-  if "e2vpt" in names:  # E2VPT's default for most VTAB tasks: 10 visual + 5 key-value tokens
+  if "paper" in names:
+    common.paper(c)
+  if "e2vpt" in names:  # E2VPT's command.txt for most VTAB tasks: 10 visual + 5 key-value tokens
     c.prompt.length, c.prompt.kv_length = 10, 5
+    c.prompt.dropout = common.E2VPT["dropout"]
+    c.batch_size = common.E2VPT["vtab_batch_size"]
+  c.optim.lr = 1.0 * c.batch_size / 256   # a mid-grid value; tune per task with LR_GRID
   common.apply_arg(c, overrides)
   return c
