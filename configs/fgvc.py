@@ -7,7 +7,8 @@
 
 Argument: a dataset (cub, nabirds, flowers, dogs, cars), `json` to read VPT's folder layout
 (train.json / val.json / test.json under data.root; NABirds always does, it has no tfds builder)
-instead of tfds, `final` for the final protocol, `e2vpt` for E2VPT's prompts (5 visual +
+instead of tfds, `final` for the final protocol (accepted for symmetry with vtab.py: the official
+FGVC runs train on the 90% train split and report test, as every FGVC config here does), `e2vpt` for E2VPT's prompts (5 visual +
 5 key-value tokens, prompt dropout 0.1), `paper` for every official choice at once
 (`common.paper`: ImageNet mean/std inputs, batch 128, schedule, head init, dropout), and
 `key.path=value` overrides.
@@ -53,10 +54,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if "json" in names or not name:  # VPT's folders: train.json / val.json / test.json
     c.data.source, c.data.name, c.data.image_dir = "fgvc_json", "", image_dir
     c.data.val_split = "val"  # the json reader cuts a seeded 90/10 itself when val.json is absent
-  if "final" in names:
-    c.data.val_split = ""
-    if c.data.source == "tfds" and val_split == "validation":
-      c.data.train_split = "train+validation"
+  # `final` is the official FGVC protocol: train on the 90% train split, report test (the same
+  # training set as tuning; tfds and json paths alike). Validation stays reported, unused.
   if "paper" in names:
     common.paper(c)
   c.optim.lr = lr * c.batch_size / OFFICIAL_BATCH  # the yaml's rate at its batch (128): unscaled

@@ -42,8 +42,11 @@ def test_fgvc_preprocessing_splits_and_official_lr():
   assert (c.data.crop, c.data.resize_size, c.model.image_size) == ("resize_crop", 256, 224)
   assert (c.optim.lr, c.optim.wd) == OFFICIAL_FGVC["cub"]
   assert (c.data.source, c.data.train_split, c.data.val_split) == ("tfds", "train", "holdout")
-  assert fgvc.get_config("flowers,final").data.train_split == "train+validation"
-  assert fgvc.get_config("cub,final").data.val_split == ""
+  # the official final protocol: the 90% train split, test reported; tfds and json agree
+  for arg in ("flowers,final", "cub,final", "cub,final,json", "flowers,json,final"):
+    f = fgvc.get_config(arg)
+    assert (f.data.train_split, f.data.test_split) == ("train", "test")
+    assert f.data.val_split in ("holdout", "validation", "val")
   nab = fgvc.get_config("nabirds,data.root=/data/nabirds")
   assert (nab.data.source, nab.data.root, nab.data.image_dir, nab.data.num_classes) == (
       "fgvc_json", "/data/nabirds", "images", 555)
