@@ -16,7 +16,7 @@ from absl import app, flags
 
 from vpt_jax import utils
 from vpt_jax.tasks import classification
-from vpt_jax.tuning import workdir
+from vpt_jax.tuning import build, workdir
 from vpt_jax.weights import npz
 
 FLAGS = flags.FLAGS
@@ -39,13 +39,16 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.workdir:
     tuned = workdir.load_tuned(FLAGS.workdir, which=FLAGS.which)
     model, variables = tuned
-    print(f"tuned run {FLAGS.workdir}: {tuned.describe()}")
+    read = tuned.read_image
+    print(f"tuned run {FLAGS.workdir}: {tuned.describe()}; preprocessing "
+          f"{build.preprocessing_spec(tuned.config)}")
   else:
     model, variables = npz.load_pretrained(FLAGS.checkpoint)
+    read = None
     print(f"checkpoint {FLAGS.checkpoint}")
   print(f"ViT patch {tuple(model.patch_size)}, width {model.width}, depth {model.depth}, "
         f"{model.num_classes} classes, input {model.image_size[0]}x{model.image_size[1]}")
-  for name, top in classification.predict(model, variables, argv[1:], FLAGS.top_k):
+  for name, top in classification.predict(model, variables, argv[1:], FLAGS.top_k, read=read):
     print(f"{name}: " + ", ".join(f"class {c} ({p:.3f})" for c, p in top))
   sys.stdout.flush()
 

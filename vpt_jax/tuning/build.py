@@ -156,8 +156,19 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
   mask = rules.label(variables, patterns)
   return Built(model=model, variables=variables, patterns=patterns, mask=mask,
                backbone_file=path, backbone_sha256=download.file_sha256(path),
-               preprocessing={k: config.data[k] for k in PREPROCESSING
-                              if "data" in config and k in config.data})
+               preprocessing=preprocessing_spec(config))
+
+
+def preprocessing_spec(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """What the run's preprocessing turns an image into the model input with (in the fingerprint,
+  applied by predict and serving). `pixel_scale` only when it is not 1, so fingerprints written
+  before it existed stay valid."""
+  if "data" not in config:
+    return {}
+  spec = {k: config.data[k] for k in PREPROCESSING if k in config.data}
+  if config.data.get("pixel_scale", 1) != 1:
+    spec["pixel_scale"] = config.data.pixel_scale
+  return spec
 
 
 def _init_head(config: ml_collections.ConfigDict, variables: Dict[str, Any]) -> Dict[str, Any]:

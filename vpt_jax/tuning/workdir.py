@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vpt_jax import prompts
@@ -178,6 +179,20 @@ class Tuned:
     # loading a run does not otherwise need.
     from vpt_jax.data import pipeline
     return pipeline.make_preprocess(self.config.data, self.model.image_size[0], train=train)
+
+  def read_image(self, path: str):
+    """An image file as the run's evaluation preprocessing makes it (resize or resize + central
+    crop, its normalisation): what `predict` and serving feed the tuned model."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top; heavy, only for file input
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"image file {path!r} not found")
+    with open(path, "rb") as f:
+      data = f.read()
+    try:
+      out = self.preprocess(train=False)(tf.constant(data), tf.zeros(2, tf.int64))
+    except tf.errors.InvalidArgumentError as e:
+      raise ValueError(f"cannot read {path!r} as an image ({e.message})") from e
+    return np.asarray(out)
 
 
 def load_tuned(workdir: str, *, which: str = "last") -> Tuned:
