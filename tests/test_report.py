@@ -98,3 +98,21 @@ def test_report_command_writes_markdown_and_csv(protocol, tmp_path, capsys):
     rows = list(csv.DictReader(f))
   assert len(rows) == 1
   assert float(rows[0]["test_top1"]) == pytest.approx(s["test_top1_mean"], abs=1e-6)
+
+
+def test_methods_are_named_by_all_that_distinguishes_them_and_duplicates_are_refused():
+  def cfg(**prompt):
+    return {"protocol": "vpt", "prompt": {"deep": True, "kv_length": 0, "mask_file": ""} | prompt}
+  names = [report.method_name(cfg()), report.method_name(cfg(deep=False)),
+           report.method_name(cfg(kv_length=5)),
+           report.method_name(cfg(kv_length=5, mask_file="/r/masks.npz")),
+           report.method_name(cfg(mask_file="/r/masks.npz"))]
+  assert names == ["VPT-deep", "VPT-shallow", "E2VPT", "E2VPT (pruned)", "VPT-deep (pruned)"]
+  assert len(set(names)) == len(names)
+  rec = lambda d, method: {"dir": d, "task": "dtd", "group": "vtab-natural", "method": method,
+                           "test_top1": 0.5, "seeds": 1, "trainable_params": 10,
+                           "backbone_params": 1000, "shared_backbone": True}
+  out = report.tables([rec("/runs/vpt", "VPT-deep"), rec("/runs/e2vpt", "E2VPT")])
+  assert "| E2VPT |" in out["markdown"] and "| VPT-deep |" in out["markdown"]
+  with pytest.raises(ValueError, match="method 'VPT-deep' on task 'dtd': /runs/a and /runs/b"):
+    report.tables([rec("/runs/a", "VPT-deep"), rec("/runs/b", "VPT-deep")])

@@ -23,8 +23,15 @@ GROUP_COLUMNS = (("vtab-natural", "VTAB Natural"), ("vtab-specialized", "VTAB Sp
 
 
 def method_name(config: Dict) -> str:
+  """The method, named by all that distinguishes runs of the vpt protocol: key-value prompts
+  (E2VPT), pruned and rewound prompts (a fixed mask file), deep or shallow."""
   if config["protocol"] == "vpt":
-    return "VPT-deep" if config["prompt"]["deep"] else "VPT-shallow"
+    p = config["prompt"]
+    if p.get("kv_length"):
+      name = "E2VPT" if p["deep"] else "E2VPT-shallow"
+      return name + (" (pruned)" if p.get("mask_file") else "")
+    name = "VPT-deep" if p["deep"] else "VPT-shallow"
+    return name + (" (pruned)" if p.get("mask_file") else "")
   return {"linear": "Linear", "full": "Full", "bias": "Bias"}.get(config["protocol"],
                                                                     config["protocol"])
 
@@ -58,7 +65,13 @@ def tables(records: Sequence[Dict]) -> Dict[str, str]:
   """{'markdown': ..., 'csv': ...} for the records."""
   methods = list(dict.fromkeys(r["method"] for r in records))
   tasks = list(dict.fromkeys(r["task"] for r in records))
-  by = {(r["method"], r["task"]): r for r in records}
+  by = {}
+  for r in records:
+    key = (r["method"], r["task"])
+    if key in by:
+      raise ValueError(f"two runs of method {key[0]!r} on task {key[1]!r}: {by[key]['dir']} and "
+                       f"{r['dir']}; report one of them")
+    by[key] = r
   lines = ["| Method | Total params | " + " | ".join(name for _, name in GROUP_COLUMNS) + " |",
            "| --- | --- |" + " --- |" * len(GROUP_COLUMNS)]
   for m in methods:
