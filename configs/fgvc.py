@@ -28,6 +28,9 @@ from configs import common
 LR_GRID = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1)   # per 256 images (official FGVC prompt grid)
 WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
 SEEDS = (42, 44, 82, 100, 800)
+# The VPT paper's prompt lengths, searched by `python -m vpt_jax.sweep --protocol` (on val200, as
+# lr and wd); `--length_grid=50` fixes one.
+PROMPT_LENGTH_GRID = (1, 5, 10, 50, 100, 200)
 OFFICIAL_BATCH = 128  # VPT configs/base-prompt.yaml DATA.BATCH_SIZE, at which BASE_LR applies
 
 # name: (tfds builder or '', its validation split or 'holdout', classes, official lr, official wd,

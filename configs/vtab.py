@@ -28,6 +28,9 @@ from vpt_jax.data.vtab import TASKS
 LR_GRID = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)   # per 256 images (official)
 WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
 SEEDS = (42, 44, 82, 100, 800)                            # the final runs' seeds (official)
+# The VPT paper's prompt lengths, searched by `python -m vpt_jax.sweep --protocol` (on val200, as
+# lr and wd); `--length_grid=50` fixes one.
+PROMPT_LENGTH_GRID = (1, 5, 10, 50, 100, 200)
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
