@@ -142,12 +142,14 @@ def test_importance_equals_direct_mask_gradients():
 
 
 @pytest.mark.parametrize("p,r,tf,sf", [(10, 16, 0.5, 0.25), (10, 16, 0.9, 0.9), (7, 8, 0.3, 0.0),
-                                       (5, 16, 0.0, 0.5)])
+                                       (5, 16, 0.0, 0.5), (4, 3, 0.5, 0.9)])
 def test_prune_masks_keep_exactly_the_requested_counts(p, r, tf, sf):
   rng = np.random.default_rng(p)
   scores = {"tokens": rng.random(p), "segments": rng.random((p, r))}
   masks = pruning.prune_masks(scores, tf, sf)
-  n_tok, n_seg = min(int(p * tf), p - 1), min(int(r * sf), r - 1)
+  # at least one token; at least 4 of 16 segments (a quarter, >= 1) as the official code
+  n_tok, n_seg = min(int(p * tf), p - 1), min(int(r * sf), r - max(1, r // 4))
+  assert pruning.counts(p, r, tf, sf) == (n_tok, n_seg)
   assert masks["tokens"].sum() == p - n_tok
   kept = masks["tokens"] == 1
   # The pruned tokens are exactly the lowest-scoring ones.
@@ -157,6 +159,10 @@ def test_prune_masks_keep_exactly_the_requested_counts(p, r, tf, sf):
     row = masks["segments"][t] == 1
     assert row.sum() == r - n_seg
     assert scores["segments"][t][~row].max(initial=-1) <= scores["segments"][t][row].min()
+
+
+def test_at_least_4_of_16_segments_are_kept():
+  assert pruning.counts(10, 16, 0.9, 0.9) == (9, 12)  # official: 16 - MIN_NUMBER_CLS_TOKEN_PIECE
 
 
 def test_compact_roundtrip_and_real_parameter_count():

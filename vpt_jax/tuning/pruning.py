@@ -46,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   token_fraction: share of the p visual prompt tokens to prune (int(p * f), at most p - 1).
   segment_fraction: share of the R segments to prune in every kept token (int(R * f), at most
-    R - 1).
+    R - max(1, R // 4): every kept token keeps 4 of 16 segments at least, as the official code).
   rewind_init: 'fresh' (a new random initialisation, seed + 1, as the official code) or
     'initial' (the dense run's initial prompt values, the lottery-ticket reading of rewinding).
   """
@@ -119,9 +119,16 @@ def importance(step: Callable, trainable: Tree, frozen: Tree, batches: Iterable[
 # Pruning.
 
 
+def min_segments(r: int) -> int:
+  """Segments every kept token keeps at least: a quarter (4 of 16, the official
+  MIN_NUMBER_CLS_TOKEN_PIECE), and at least one."""
+  return max(1, r // 4)
+
+
 def counts(p: int, r: int, token_fraction: float, segment_fraction: float) -> Tuple[int, int]:
-  """(tokens pruned, segments pruned per kept token): int(n * f), keeping at least one of each."""
-  return min(int(p * token_fraction), p - 1), min(int(r * segment_fraction), r - 1)
+  """(tokens pruned, segments pruned per kept token): int(n * f), keeping at least one token and
+  `min_segments(r)` segments of each kept token, as the official code caps them."""
+  return min(int(p * token_fraction), p - 1), min(int(r * segment_fraction), r - min_segments(r))
 
 
 def prune_masks(scores: Mapping[str, np.ndarray], token_fraction: float,
