@@ -93,6 +93,23 @@ def paper(c: ml_collections.ConfigDict) -> None:
   c.prompt.dropout = PAPER["dropout"]
 
 
+# Full fine-tuning as the official end-to-end runs (KMnP/vpt configs/base-finetune.yaml and
+# src/solver/optimizer.py): AdamW, eps 1e-6, weight decay 0.01 (hard-coded there whenever
+# WEIGHT_DECAY > 0) on every leaf but biases and LayerNorm parameters; batch 384, 5 warmup epochs.
+FULL_WD_EXCLUDE = (r".*/bias", r".*(LayerNorm_\d+|encoder_norm)/scale")
+FULL_LR_GRID = (1e-3, 1e-4, 5e-4, 5e-3)  # tune_*.py 'finetune' grid, per 256 images
+
+
+def full(c: ml_collections.ConfigDict) -> None:
+  """The `full` preset: every backbone weight trains with the official end-to-end optimizer."""
+  c.protocol = "full"
+  c.prompt.length, c.prompt.kv_length = 0, 0
+  c.batch_size = 384
+  c.optim.update(dict(name="adamw", eps=1e-6, wd=0.01, wd_exclude=FULL_WD_EXCLUDE,
+                      warmup_epochs=5, epochs=100))
+  c.optim.lr = 1e-3 * c.batch_size / 256
+
+
 def _parse_value(text: str, like):
   if isinstance(like, bool):
     if text.lower() not in ("true", "false", "1", "0"):

@@ -8,8 +8,9 @@
 Argument: a dataset (cub, nabirds, flowers, dogs, cars), `json` to read VPT's folder layout
 (train.json / val.json / test.json under data.root; NABirds always does, it has no tfds builder)
 instead of tfds, `final` for the final protocol (accepted for symmetry with vtab.py: the official
-FGVC runs train on the 90% train split and report test, as every FGVC config here does), `e2vpt` for E2VPT's prompts (5 visual +
-5 key-value tokens, prompt dropout 0.1), `paper` for every official choice at once
+FGVC runs train on the 90% train split and report test, as every FGVC config here does),
+`e2vpt` for E2VPT's prompts (5 visual + 5 key-value tokens, prompt dropout 0.1), `full` for full fine-tuning with the official end-to-end
+optimizer (`common.full`), `paper` for every official choice at once
 (`common.paper`: ImageNet mean/std inputs, batch 128, schedule, head init, dropout), and
 `key.path=value` overrides.
 Preprocessing as the paper: shorter side to 256, random 224 crop and flip for training, central
@@ -46,7 +47,7 @@ DATASETS = {
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   names, overrides = common.split_arg(arg or "cub")
-  ds = [n for n in names if n not in ("final", "json", "e2vpt", "paper")]
+  ds = [n for n in names if n not in ("final", "json", "e2vpt", "paper", "full")]
   if len(ds) != 1 or ds[0] not in DATASETS:
     raise ValueError(f"configs/fgvc.py argument {arg!r}: expected one of {', '.join(DATASETS)}")
   name, val_split, classes, lr, wd, image_dir = DATASETS[ds[0]]
@@ -63,6 +64,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     common.paper(c)
   c.optim.lr = lr * c.batch_size / OFFICIAL_BATCH  # the yaml's rate at its batch (128): unscaled
   c.optim.wd = wd
+  if "full" in names:  # full fine-tuning with the official end-to-end optimizer
+    common.full(c)
   if "e2vpt" in names:  # E2VPT's FGVC default: 5 visual + 5 key-value tokens, batch 128
     c.prompt.length, c.prompt.kv_length = 5, 5
     c.prompt.dropout = common.E2VPT["dropout"]

@@ -8,7 +8,8 @@ report test; otherwise train800 with val200 for validation), `folder` to read th
 pre-extracted layout instead of tfds (data.root = the task's folder with images/ and the list files
 train800.txt, val200.txt, train800val200.txt, test.txt), `e2vpt` for E2VPT's prompts (10 visual +
 5 key-value tokens, prompt dropout 0.1, batch 64 as its command.txt; prune with
-`python -m vpt_jax.prune`), `paper` for every official choice at once (`common.paper`: ImageNet
+`python -m vpt_jax.prune`), `full` for full fine-tuning with the official end-to-end
+optimizer (`common.full`), `paper` for every official choice at once (`common.paper`: ImageNet
 mean/std inputs, batch, schedule, head init, dropout), and any `key.path=value` overrides.
 Tuning protocol of the paper: lr x wd grid on train800/val200 (last-epoch val top-1), then 5 seeds
 of the final protocol. LR_GRID below is the official grid quoted per 256 images (tune_vtab.py
@@ -35,7 +36,7 @@ PROMPT_LENGTH_GRID = (1, 5, 10, 50, 100, 200)
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   names, overrides = common.split_arg(arg or "cifar100")
-  task = [n for n in names if n not in ("final", "folder", "e2vpt", "paper")]
+  task = [n for n in names if n not in ("final", "folder", "e2vpt", "paper", "full")]
   if len(task) != 1 or task[0] not in TASKS:
     raise ValueError(f"configs/vtab.py argument {arg!r}: expected a task of {', '.join(TASKS)}")
   t = TASKS[task[0]]
@@ -62,5 +63,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.prompt.dropout = common.E2VPT["dropout"]
     c.batch_size = common.E2VPT["vtab_batch_size"]
   c.optim.lr = 1.0 * c.batch_size / 256   # a mid-grid value; tune per task with LR_GRID
+  if "full" in names:  # full fine-tuning with the official end-to-end optimizer
+    common.full(c)
   common.apply_arg(c, overrides)
   return c

@@ -1,5 +1,6 @@
 """Every config file builds, its argument form works, and bad arguments are named."""
 
+import jax
 import pytest
 
 from configs import common, demo, fgvc, vtab
@@ -136,3 +137,20 @@ def test_e2vpt_presets_follow_the_official_commands():
   assert (f.prompt.dropout, f.batch_size) == (OFFICIAL_E2VPT["dropout"],
                                               OFFICIAL_E2VPT["fgvc_batch"])
   assert f.optim.lr == pytest.approx(OFFICIAL_FGVC["cub"][0])
+
+
+# - KMnP/vpt configs/base-finetune.yaml and src/solver/optimizer.py: AdamW eps 1e-6, wd 0.01 on
+#   all but biases / LayerNorm parameters, batch 384, warmup 5 of 100 epochs.
+def test_full_preset_follows_the_official_end_to_end_optimizer():
+  import vpt_jax
+  from vpt_jax.tuning import optim, rules
+  for c in (vtab.get_config("dtd,full"), fgvc.get_config("cub,full")):
+    assert (c.protocol, c.prompt.length, c.batch_size) == ("full", 0, 384)
+    o = c.optim
+    assert (o.name, o.eps, o.wd, o.warmup_epochs, o.epochs) == ("adamw", 1e-6, 0.01, 5, 100)
+  _, variables = vpt_jax.load_pretrained("tiny-random", num_classes=3)
+  decay = optim._decay_mask(vtab.get_config("dtd,full").optim.wd_exclude)(variables)
+  flags = dict(zip(rules.leaf_paths(decay), jax.tree.leaves(decay)))
+  for path, d in flags.items():
+    no_decay = path.endswith("/bias") or "LayerNorm_" in path or "encoder_norm" in path
+    assert d == (not no_decay), path
