@@ -9,10 +9,10 @@ Argument: a dataset (cub, nabirds, flowers, dogs, cars), `json` to read VPT's fo
 (train.json / val.json / test.json under data.root; NABirds always does, it has no tfds builder)
 instead of tfds, `final` for the final protocol (accepted for symmetry with vtab.py: the official
 FGVC runs train on the 90% train split and report test, as every FGVC config here does),
-`e2vpt` for E2VPT's prompts (5 visual + 5 key-value tokens, prompt dropout 0.1), `full` for full fine-tuning with the official end-to-end
-optimizer (`common.full`), `paper` for every official choice at once
-(`common.paper`: ImageNet mean/std inputs, batch 128, schedule, head init, dropout), and
-`key.path=value` overrides.
+`e2vpt` for E2VPT's prompts (5 visual + 5 key-value tokens, prompt dropout 0.1), `full` for
+full fine-tuning with the official end-to-end optimizer (`common.full`), `paper` for every
+official choice at once (`common.paper`: ImageNet mean/std inputs, batch 128, schedule, head
+init, dropout), and `key.path=value` overrides.
 Preprocessing as the paper: shorter side to 256, random 224 crop and flip for training, central
 crop for evaluation. Where a dataset has no validation split, a seeded random 10% of train is held
 out. The official per-dataset lr/wd are the SOLVER.BASE_LR / WEIGHT_DECAY of VPT's
