@@ -49,9 +49,34 @@ def default_config() -> ml_collections.ConfigDict:
     R - max(1, R // 4): every kept token keeps 4 of 16 segments at least, as the official code).
   rewind_init: 'fresh' (a new random initialisation, seed + 1, as the official code) or
     'initial' (the dense run's initial prompt values, the lottery-ticket reading of rewinding).
+  grid: '' (the one pair above) or 'tf:sf;tf:sf;...': every (token, segment) pruning level is
+    rewound and the best on validation kept (ties to more pruning), as the official code's grid.
   """
   return ml_collections.ConfigDict(dict(token_fraction=0.5, segment_fraction=0.25,
-                                        rewind_init="fresh"))
+                                        rewind_init="fresh", grid=""))
+
+
+def levels(cfg: ml_collections.ConfigDict) -> Tuple[Tuple[float, float], ...]:
+  """The (token_fraction, segment_fraction) pairs to rewind: `grid`, or the single pair."""
+  if not cfg.get("grid", ""):
+    return ((float(cfg.token_fraction), float(cfg.segment_fraction)),)
+  out = []
+  for item in cfg.grid.split(";"):
+    try:
+      tf, sf = (float(x) for x in item.split(":"))
+    except ValueError:
+      raise ValueError(f"config prune.grid={cfg.grid!r}: expected 'tf:sf;tf:sf;...', got "
+                       f"{item!r}") from None
+    for key, v in (("token_fraction", tf), ("segment_fraction", sf)):
+      if not 0.0 <= v < 1.0:
+        raise ValueError(f"config prune.grid={cfg.grid!r}: {key} {v} must be in [0, 1)")
+    out.append((tf, sf))
+  return tuple(dict.fromkeys(out))
+
+
+def level_name(tf: float, sf: float) -> str:
+  """The directory / file key of one pruning level, e.g. t0.5_s0.25."""
+  return f"t{tf:g}_s{sf:g}"
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -62,6 +87,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.rewind_init not in REWIND_INITS:
     raise ValueError(f"config prune.rewind_init={cfg.rewind_init!r}: expected one of "
                      f"{REWIND_INITS}")
+  levels(cfg)
 
 
 # ------------------------------------------------------------------------------------------------
