@@ -1,9 +1,15 @@
 """Defaults shared by every config, and the parser of the `--config=file.py:ARG` argument.
 
-Conventions (see README): `optim.lr` is the learning rate used at `batch_size` (no hidden
-scaling); the official VPT tuning scripts quote lr per 256 images, so their grid value x becomes
-x * batch_size / 256 here. Inputs are scaled to [-1, 1], the range the ViT checkpoints were
-trained on (`data.normalization='imagenet'` reproduces the official VPT code).
+Learning-rate convention (the one statement of it; see README): `optim.lr` is the rate used at
+`batch_size`, nothing is rescaled at run time. Official values come in two forms, and every
+preset converts them to the official *effective* rate at the official batch size:
+- the tuning scripts' grids (tune_vtab.py / tune_fgvc.py, and E2VPT's) are quoted per 256 images
+  and scaled by the script (`BASE_LR = lr / 256 * BATCH_SIZE`): grid value x -> x * batch / 256;
+- the shipped yaml `SOLVER.BASE_LR` values (VPT configs/prompt/*.yaml) are used as they are by
+  train.py at the yaml's batch size (128): they are the effective rate already, kept unchanged.
+Inputs are scaled to [-1, 1], the range the ViT checkpoints were trained on; the `paper`
+argument of configs/vtab.py and configs/fgvc.py selects every official choice at once
+(`paper()` below), including the ImageNet mean/std normalisation the official code used.
 """
 
 import ml_collections
@@ -26,12 +32,14 @@ def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
   num_classes: the new head's classes; 0 = the dataset's.
   drop_pre_logits: remove the tanh representation layer of ImageNet-21k checkpoints (VPT does).
   dtype: compute dtype of the matmuls, 'float32' or 'bfloat16'.
+  head_init: the fresh head: 'zeros' (vit_jax / big_vision, and `load_pretrained`) or 'kaiming'
+    (the official VPT head: N(0, 2 / num_classes) weights, bias -log 99; every preset uses it).
   fast_path: compute only what the output needs (exact: same logits and gradients): VPT-deep
     prompts as keys/values only, a class-token-only last layer; False = the straightforward path.
   """
   return ml_collections.ConfigDict(dict(
       checkpoint=checkpoint, image_size=0, num_classes=0, drop_pre_logits=False,
-      dtype="float32", fast_path=True, family="auto", num_heads=0))
+      dtype="float32", fast_path=True, family="auto", num_heads=0, head_init="zeros"))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -41,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.group = ""                           # vtab-natural | vtab-specialized | vtab-structured | fgvc
   c.model = backbone()
   c.model.drop_pre_logits = True         # VPT reads the class token after the final LayerNorm
+  c.model.head_init = "kaiming"          # the official VPT head (zeros: model.head_init=zeros)
   c.prompt = prompts.default_config()    # VPT-deep, p = 50
   c.protocol = "vpt"                     # vpt | linear | full | bias | partial-k | mlp-k | adapter | side
   c.modules = heads.default_config()     # options of mlp-k / adapter / side (README "baselines")
@@ -68,6 +77,40 @@ def tfds_vit_b16(name: str, num_classes: int, crop: str) -> ml_collections.Confi
   c.data.num_classes = num_classes
   c.data.crop = crop
   return c
+
+
+# The official choices `paper` selects (VPT: configs/base-prompt.yaml and src/configs/config.py of
+# KMnP/vpt; E2VPT: configs/base-prompt_changed_P_VK.yaml and command.txt of ChengHan111/E2VPT).
+PAPER = dict(normalization="imagenet", head_init="kaiming", batch_size=128, epochs=100,
+             warmup_epochs=10, dropout=0.0)
+E2VPT = dict(dropout=0.1, vtab_batch_size=64, fgvc_batch_size=128)
+
+
+def paper(c: ml_collections.ConfigDict) -> None:
+  """Every official choice the defaults differ in or might: normalisation, batch, schedule, head
+  init, prompt dropout (the lr/wd are the config file's, at this batch)."""
+  c.data.normalization = PAPER["normalization"]
+  c.model.head_init = PAPER["head_init"]
+  c.batch_size = PAPER["batch_size"]
+  c.optim.epochs, c.optim.warmup_epochs = PAPER["epochs"], PAPER["warmup_epochs"]
+  c.prompt.dropout = PAPER["dropout"]
+
+
+# Full fine-tuning as the official end-to-end runs (KMnP/vpt configs/base-finetune.yaml and
+# src/solver/optimizer.py): AdamW, eps 1e-6, weight decay 0.01 (hard-coded there whenever
+# WEIGHT_DECAY > 0) on every leaf but biases and LayerNorm parameters; batch 384, 5 warmup epochs.
+FULL_WD_EXCLUDE = (r".*/bias", r".*(LayerNorm_\d+|encoder_norm)/scale")
+FULL_LR_GRID = (1e-3, 1e-4, 5e-4, 5e-3)  # tune_*.py 'finetune' grid, per 256 images
+
+
+def full(c: ml_collections.ConfigDict) -> None:
+  """The `full` preset: every backbone weight trains with the official end-to-end optimizer."""
+  c.protocol = "full"
+  c.prompt.length, c.prompt.kv_length = 0, 0
+  c.batch_size = 384
+  c.optim.update(dict(name="adamw", eps=1e-6, wd=0.01, wd_exclude=FULL_WD_EXCLUDE,
+                      warmup_epochs=5, epochs=100))
+  c.optim.lr = 1e-3 * c.batch_size / 256
 
 
 def _parse_value(text: str, like):

@@ -134,6 +134,7 @@ def test_adapter_starts_as_the_backbone_and_its_down_projection_learns(runs, dig
   """
   built = runs["adapter"][0]
   base, v = vpt_jax.load_pretrained("demo-vit", num_classes=K)
+  v = {**v, "params": {**v["params"], "head": built.variables["params"]["head"]}}  # same head
   images = digits[0]["image"]
   np.testing.assert_array_equal(built.model.apply(built.variables, images), base.apply(v, images))
 
@@ -276,7 +277,9 @@ def test_mlp_head_of_another_width_gets_a_fresh_head():
   c.modules.mlp_norm = "none"
   built = build.build(c)
   assert built.variables["params"]["head"]["kernel"].shape == (32, K)
-  assert not np.any(built.variables["params"]["head"]["kernel"])
+  np.testing.assert_allclose(built.variables["params"]["head"]["bias"], -np.log(99.0), rtol=1e-6)
+  c.model.head_init = "zeros"
+  assert not np.any(build.build(c).variables["params"]["head"]["kernel"])
   r = rules.param_report(built.variables, built.mask)
   assert r["trainable"] == (D * 32 + 32) + (32 * K + K)
   assert "module_hooks" in built.fingerprint()

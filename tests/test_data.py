@@ -105,10 +105,33 @@ def test_preprocessing_ranges_and_crops():
     pipeline.make_preprocess(cfg(normalization="zscore"), 32, True)
 
 
-def test_batch_larger_than_the_split():
+def test_batch_larger_than_the_split_is_one_padded_batch():
   split = Split(np.zeros((10, 8, 8, 1), np.uint8), np.zeros(10, np.int32))
-  with pytest.raises(ValueError, match="larger than the training split"):
-    next(_pipe(split, batch=16).train_batches(0))
+  p = _pipe(split, batch=16)
+  batch = next(p.train_batches(0))
+  assert p.steps_per_epoch == 1 and batch["mask"].sum() == 10 and len(batch["mask"]) == 16
+
+
+@pytest.mark.parametrize("n,batch", [(100, 16), (96, 16), (5, 4)])
+def test_every_example_is_seen_once_per_epoch_in_ceil_n_over_batch_steps(n, batch):
+  """The official loader keeps the partial last batch: ceil(n / batch) steps, each example once
+  per epoch (padding rows carry mask 0); resuming mid-epoch replays the same batches."""
+  images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1), np.uint8)
+  split = Split(images, np.arange(n, dtype=np.int32))
+  p = _pipe(split, batch=batch)
+  spe = -(-n // batch)
+  assert p.steps_per_epoch == spe
+  it = p.train_batches(0)
+  for _ in range(2):  # two epochs
+    seen = []
+    for _ in range(spe):
+      b = next(it)
+      assert len(b["label"]) == batch
+      seen += list(b["label"][b["mask"] > 0])
+    assert sorted(seen) == list(range(n))
+  last = next(_pipe(split, batch=batch).train_batches(2 * spe - 1))
+  np.testing.assert_array_equal(last["mask"], b["mask"])
+  np.testing.assert_array_equal(last["label"], b["label"])
 
 
 def test_shapes_task_is_deterministic_balanced_and_distinct():

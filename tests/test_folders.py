@@ -187,6 +187,29 @@ def test_fgvc_derives_a_fixed_90_10_split_without_val_json(tmp_path):
   assert len(folders.read_fgvc_json(str(root), "test")) == 5
 
 
+def test_fgvc_labels_are_remapped_to_contiguous_ids_and_fractions_read_train_p(tmp_path):
+  """1-based, sparse labels (NABirds) -> sorted unique values of train.json -> 0..C-1; the
+  official few-shot subsets train_{p}.json; a label train.json lacks is named."""
+  root = tmp_path / "nabirds"
+  table = make_fgvc(root, with_val=True)
+  sparse = {0: 1, 1: 295, 2: 1010}
+  for name in ("train", "val", "test"):
+    t = json.loads((root / f"{name}.json").read_text())
+    write_text(root / f"{name}.json", json.dumps({k: sparse[v] for k, v in t.items()}))
+  test = folders.read_fgvc_json(str(root), "test", image_dir="images")
+  keys = sorted(json.loads((root / "test.json").read_text()))
+  assert list(test.labels) == [table[k] for k in keys]  # 1, 295, 1010 -> 0, 1, 2
+  train = json.loads((root / "train.json").read_text())
+  few = dict(list(train.items())[:5])
+  write_text(root / "train_0.1.json", json.dumps(few))
+  assert len(folders.read_fgvc_json(str(root), "train", image_dir="images", percentage=0.1)) == 5
+  with pytest.raises(FileNotFoundError, match="train_0.5.json"):
+    folders.read_fgvc_json(str(root), "train", image_dir="images", percentage=0.5)
+  write_text(root / "test.json", json.dumps({keys[0]: 7}))
+  with pytest.raises(ValueError, match="label 7 does not occur in .*train.json"):
+    folders.read_fgvc_json(str(root), "test", image_dir="images")
+
+
 def test_fgvc_errors_name_the_path(tmp_path):
   root = tmp_path / "dogs"
   make_fgvc(root, image_dir="Images")

@@ -51,7 +51,7 @@ def test_demo_config_end_to_end(tmp_path, capsys):
   for key in ("val_top1", "test_top1", "trainable_params", "trainable_percent_of_backbone",
               "config", "wall_time_s"):
     assert key in results
-  assert results["steps"] == 2 * 12 and results["trainable_params"] == 2 * 8 * 64 + 64 * 10 + 10
+  assert results["steps"] == 2 * 13 and results["trainable_params"] == 2 * 8 * 64 + 64 * 10 + 10
   with open(os.path.join(wd, "results.json")) as f:
     assert json.load(f)["test_top1"] == results["test_top1"]
   records = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
@@ -59,6 +59,10 @@ def test_demo_config_end_to_end(tmp_path, capsys):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
   assert os.listdir(os.path.join(wd, "checkpoints", "best"))
 
+  # The default checkpoint is the one results.json reports (the last), and it says so.
+  tuned = workdir_lib.load_tuned(wd)
+  assert (tuned.checkpoint, tuned.step) == ("last", results["steps"])
+  assert "results.json" in tuned.describe()
   # The saved prompts + the public backbone predict exactly like the trained model.
   model, variables = workdir_lib.load_tuned(wd, which="last")
   config = workdir_lib.read_config(wd)

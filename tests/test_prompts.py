@@ -277,8 +277,13 @@ def test_projection_from_a_smaller_dimension():
   expected = numpy_vit.forward(flat(BASE_VARS["params"]), IMAGES, **REF,
                                insert={0: put(proj(t[0])), 1: put(proj(t[1]), replace=P)})
   close(apply(model, BASE_VARS["params"], pr), expected)
-  # kaiming-normal over fan-out (d = 64): std sqrt(2/64)
+  # kaiming-normal over fan-out (d = 64): std sqrt(2/64); bias torch's default U(+-1/sqrt(8));
+  # the prompts' bound uses the projected dimension: sqrt(6 / (3 * 4 * 4 + 8)) (official).
   assert abs(np.std(np.asarray(h["proj_kernel"])) - math.sqrt(2 / 64)) < 0.05
+  b = np.abs(np.asarray(h["proj_bias"]))
+  assert b.max() <= 1 / math.sqrt(8) and b.max() > 0.8 / math.sqrt(8)
+  v = math.sqrt(6.0 / (3 * 4 * 4 + 8))
+  assert np.abs(np.asarray(t)).max() <= v and np.abs(np.asarray(t)).max() > 0.9 * v
 
 
 def test_prompt_dropout_only_in_training():

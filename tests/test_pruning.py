@@ -142,12 +142,14 @@ def test_importance_equals_direct_mask_gradients():
 
 
 @pytest.mark.parametrize("p,r,tf,sf", [(10, 16, 0.5, 0.25), (10, 16, 0.9, 0.9), (7, 8, 0.3, 0.0),
-                                       (5, 16, 0.0, 0.5)])
+                                       (5, 16, 0.0, 0.5), (4, 3, 0.5, 0.9)])
 def test_prune_masks_keep_exactly_the_requested_counts(p, r, tf, sf):
   rng = np.random.default_rng(p)
   scores = {"tokens": rng.random(p), "segments": rng.random((p, r))}
   masks = pruning.prune_masks(scores, tf, sf)
-  n_tok, n_seg = min(int(p * tf), p - 1), min(int(r * sf), r - 1)
+  # at least one token; at least 4 of 16 segments (a quarter, >= 1) as the official code
+  n_tok, n_seg = min(int(p * tf), p - 1), min(int(r * sf), r - max(1, r // 4))
+  assert pruning.counts(p, r, tf, sf) == (n_tok, n_seg)
   assert masks["tokens"].sum() == p - n_tok
   kept = masks["tokens"] == 1
   # The pruned tokens are exactly the lowest-scoring ones.
@@ -157,6 +159,10 @@ def test_prune_masks_keep_exactly_the_requested_counts(p, r, tf, sf):
     row = masks["segments"][t] == 1
     assert row.sum() == r - n_seg
     assert scores["segments"][t][~row].max(initial=-1) <= scores["segments"][t][row].min()
+
+
+def test_at_least_4_of_16_segments_are_kept():
+  assert pruning.counts(10, 16, 0.9, 0.9) == (9, 12)  # official: 16 - MIN_NUMBER_CLS_TOKEN_PIECE
 
 
 def test_compact_roundtrip_and_real_parameter_count():
@@ -215,32 +221,41 @@ def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   # written from the model's depth and width.
   c = demo.get_config("vpt-deep,model.checkpoint=tiny-random,prompt.kv_length=2,optim.epochs=1,"
                       "optim.warmup_epochs=0,eval_every_epochs=1,prune.token_fraction=0.5,"
-                      "prune.segment_fraction=0.25")
+                      "prune.segment_fraction=0.25,prune.grid=0.5:0.25;0.25:0.5")
   workdir = str(tmp_path / "prune")
   summary = prune_pipeline.run(c, workdir)
-  for name in ("dense/results.json", "scores.npz", "masks.npz", "rewind/results.json",
-               "pruned.npz", "prune_results.json"):
+  # every level of the grid has its own masks and rewind directory, keyed by its fractions
+  for name in ("dense/results.json", "scores.npz", "masks/t0.5_s0.25.npz",
+               "masks/t0.25_s0.5.npz", "rewind/t0.5_s0.25/results.json",
+               "rewind/t0.25_s0.5/results.json", "pruned.npz", "prune_results.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
-  masks = dict(np.load(os.path.join(workdir, "masks.npz")))
+  levels = {x["level"]: x for x in summary["levels"]}
+  assert set(levels) == {"t0.5_s0.25", "t0.25_s0.5"}
+  best = max(summary["levels"], key=lambda x: (x["val_top1"], x["token_fraction"]))
+  assert summary["chosen"] == best["level"]
+  masks = dict(np.load(os.path.join(workdir, "masks", "t0.5_s0.25.npz")))
   assert masks["tokens"].sum() == 4 and (masks["segments"].sum(1)[masks["tokens"] == 1] == 12).all()
   scores = dict(np.load(os.path.join(workdir, "scores.npz")))
   assert scores["tokens"].shape == (8,) and scores["segments"].shape == (8, 16)
-  with open(os.path.join(workdir, "rewind", "results.json")) as f:
+  rewind_dir = os.path.join(workdir, "rewind", "t0.5_s0.25")
+  with open(os.path.join(rewind_dir, "results.json")) as f:
     rewound = json.load(f)
   from vpt_jax.tuning import workdir as workdir_lib
-  model, _ = workdir_lib.load_tuned(os.path.join(workdir, "rewind"), which="last")
+  model, _ = workdir_lib.load_tuned(rewind_dir, which="last")
   depth, width = model.depth, model.width
   # Real parameter count by hand: a set per layer x 4 kept tokens x 12 segments x d/16 dims,
   # plus the key-value prompts and the head (10 digit classes).
   head = width * 10 + 10
   kv = depth * 2 * width
-  assert summary["pruned_trainable_params"] == depth * 4 * 12 * (width // 16) + kv + head
+  pruned = prune_pipeline.save_pruned(rewind_dir, str(tmp_path / "p.npz"))
+  assert pruned["pruned_trainable_params"] == depth * 4 * 12 * (width // 16) + kv + head
   assert summary["dense_trainable_params"] == depth * 8 * width + kv + head
-  assert summary["rewind_test_top1"] == rewound["test_top1"]
+  assert levels["t0.5_s0.25"]["test_top1"] == rewound["test_top1"]
+  assert summary["rewind_test_top1"] == levels[summary["chosen"]]["test_top1"]
   # The rewound run's own report counts the pruned prompts, not the full tensor.
-  assert rewound["trainable_params"] == summary["pruned_trainable_params"]
+  assert rewound["trainable_params"] == pruned["pruned_trainable_params"]
   # The compact model (4 tokens in the sequence) scores exactly what the masked run scored.
-  small, small_v = prune_pipeline.load_pruned(os.path.join(workdir, "rewind"))
+  small, small_v = prune_pipeline.load_pruned(rewind_dir, str(tmp_path / "p.npz"))
   assert small.hooks.length == 4
   d = c.data
   split = sources.load_splits(d, [d.test_split])[d.test_split]

@@ -115,3 +115,42 @@ def test_one_row_per_method_and_backbone():
   rows = list(csv.DictReader(io.StringIO(out["csv"])))
   assert [r["backbone"] for r in rows] == ["mae-vit-b16", "mae-vit-b16", "vit-b16-i21k"]
   assert report.backbone_name({"model": {"checkpoint": "/data/mae_vit.pth"}}) == "mae_vit.pth"
+
+
+def test_methods_are_named_by_all_that_distinguishes_them_and_duplicates_are_refused():
+  def cfg(**prompt):
+    return {"protocol": "vpt", "prompt": {"deep": True, "kv_length": 0, "mask_file": ""} | prompt}
+  names = [report.method_name(cfg()), report.method_name(cfg(deep=False)),
+           report.method_name(cfg(kv_length=5)),
+           report.method_name(cfg(kv_length=5, mask_file="/r/masks.npz")),
+           report.method_name(cfg(mask_file="/r/masks.npz"))]
+  assert names == ["VPT-deep", "VPT-shallow", "E2VPT", "E2VPT (pruned)", "VPT-deep (pruned)"]
+  assert len(set(names)) == len(names)
+  rec = lambda d, method: {"dir": d, "task": "dtd", "group": "vtab-natural", "method": method,
+                           "test_top1": 0.5, "seeds": 1, "trainable_params": 10,
+                           "backbone_params": 1000, "shared_backbone": True}
+  out = report.tables([rec("/runs/vpt", "VPT-deep"), rec("/runs/e2vpt", "E2VPT")])
+  assert "| E2VPT |" in out["markdown"] and "| VPT-deep |" in out["markdown"]
+  with pytest.raises(ValueError, match="method 'VPT-deep' on task 'dtd': /runs/a and /runs/b"):
+    report.tables([rec("/runs/a", "VPT-deep"), rec("/runs/b", "VPT-deep")])
+
+
+def test_prompt_length_is_searched_on_val200_like_lr_and_wd(tmp_path, monkeypatch, capsys):
+  """A stand-in trainer scores (p, lr) on validation: p = 5 at lr 1.0 is best; the final runs use
+  it. Every (p, lr, wd) runs once in its own directory."""
+  seen = []
+
+  def fake(config, workdir):
+    seen.append((workdir, config.prompt.length, config.optim.lr, config.data.val_split))
+    val = 0.9 if (config.prompt.length, config.optim.lr) == (5, 0.25) else 0.5
+    return {"val_top1": val if config.data.val_split else None, "test_top1": 0.7}
+  monkeypatch.setattr(loop, "train_and_evaluate", fake)
+  s = sweeps.run_protocol(DEMO, "vpt-deep", str(tmp_path), lr_grid=["1.0", "4.0"],
+                          wd_grid=["0.0"], seeds=["0", "1"], length_grid=["1", "5", "10"])
+  assert s["best"] == {"lr": 1.0, "wd": 0.0, "val_top1": 0.9, "length": 5}
+  grid = [x for x in seen if x[3]]
+  assert {(os.path.basename(w), p) for w, p, _, _ in grid} == {
+      (f"p{p}_lr{lr}_wd0", p) for p in (1, 5, 10) for lr in (1, 4)}
+  finals = [x for x in seen if not x[3]]
+  assert [(p, lr) for _, p, lr, _ in finals] == [(5, 0.25), (5, 0.25)]
+  assert s["length_grid"] == [1, 5, 10]

@@ -150,6 +150,18 @@ def test_workdirs_on_another_backbone_or_tuned_backbone_are_refused(workdirs, tm
     serving.MultiTaskServer.from_workdirs([workdirs["deep"], wd_full])
   with open(os.path.join(wd_full, "config.json")) as f:
     assert json.load(f)["protocol"] == "full"
+  # Another normalisation: the same image would need two inputs.
+  wd_norm = tune(str(tmp_path / "norm"), "vpt-deep", "prompt.length=4,data.normalization=imagenet")
+  with pytest.raises(serving.ServingError,
+                     match=f"workdir {wd_norm} preprocesses its images otherwise than"):
+    serving.MultiTaskServer.from_workdirs([workdirs["deep"], wd_norm])
+  # predict's reader of that run applies its ImageNet mean/std (not [-1, 1])
+  from PIL import Image
+  path = str(tmp_path / "grey.png")
+  Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(path)
+  x = vpt_jax.load_tuned(wd_norm).read_image(path)
+  np.testing.assert_allclose(x[0, 0], (1 - np.array([0.485, 0.456, 0.406])) /
+                             np.array([0.229, 0.224, 0.225]), rtol=1e-5)
 
 
 @pytest.mark.skipif("masks" not in prompts.default_config(), reason="no E2VPT pruning masks")

@@ -86,6 +86,23 @@ def test_prompt_gradients_match_an_independent_grad_and_finite_differences(setup
     np.testing.assert_allclose(g[idx], fd, rtol=3e-2, atol=2e-5)
 
 
+def test_padded_rows_of_a_partial_batch_contribute_nothing(setup):
+  """Loss and gradients of 3 real rows + 1 masked padding row equal those of the 3 rows alone."""
+  grad = jax.jit(jax.value_and_grad(steps.make_loss_fn(setup["model"]), has_aux=True))
+  rng = jax.random.PRNGKey(0)
+  (loss3, _), g3 = grad(setup["trainable"], setup["frozen"], IMAGES[:3], BATCH["label"][:3], rng)
+  mask = jnp.array([1.0, 1.0, 1.0, 0.0])
+  (loss4, _), g4 = grad(setup["trainable"], setup["frozen"], IMAGES, BATCH["label"], rng, mask)
+  np.testing.assert_allclose(loss4, loss3, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g3)):
+    np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5)
+  (loss_all, _), _ = grad(setup["trainable"], setup["frozen"], IMAGES, BATCH["label"], rng)
+  assert abs(float(loss_all) - float(loss3)) > 1e-4  # the padding row would have counted
+  state = steps.create_train_state(setup["trainable"], setup["tx"], jax.random.PRNGKey(1))
+  _, m = setup["step"](state, setup["frozen"], {**BATCH, "mask": np.asarray(mask)})
+  np.testing.assert_allclose(m["loss"], loss3, rtol=1e-6)
+
+
 def test_sgd_is_torch_sgd_with_coupled_l2(setup):
   """p1 = p0 - lr (g0 + wd p0); p2 = p1 - lr1 (0.9 buf1 + g1 + wd p1); head bias without decay."""
   cfg = optim()

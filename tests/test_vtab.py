@@ -135,3 +135,35 @@ def test_unreadable_tfds_images_fail_or_are_skipped_with_a_count():
   cfg.on_bad_image = "ignore"
   with pytest.raises(ValueError, match="data.on_bad_image='ignore'"):
     sources.load_splits(cfg, ["train"])
+
+
+# Each builder's stored image (tfds feature spec): (height, width, channels, largest pixel value).
+# dSprites stores {0, 1} in one channel; smallNORB one channel 0..255; the rest RGB 0..255.
+STORED = {name: (8, 8, 3, 255) for name in EXPECTED}
+STORED.update({n: (8, 8, 1, 1) for n in ("dsprites_location", "dsprites_orientation")})
+STORED.update({n: (8, 8, 1, 255) for n in ("smallnorb_azimuth", "smallnorb_elevation")})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_tasks_preprocessed_images_span_the_model_range(name):
+  """A mock image holding the builder's smallest and largest stored values, through the task's
+  config: the model input must be 3 channels spanning [-1, 1] (task_adaptation: dSprites x 255,
+  grayscale tiled to RGB)."""
+  from configs import vtab as vtab_config
+  from vpt_jax.data import pipeline
+  h, w, ch, top = STORED[name]
+  image = np.zeros((h, w, ch), np.uint8)
+  image[:, w // 2:] = top
+  png = tf.io.encode_png(image).numpy()
+
+  def as_dataset(*args, **kwargs):
+    return tf.data.Dataset.from_tensor_slices({"image": [png], "label": [0]})
+  c = vtab_config.get_config(name)
+  c.data.label_transform, c.data.label_key = "", "label"
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    split = sources.load_splits(c.data, [c.data.train_split])[c.data.train_split]
+  pre = pipeline.make_preprocess(c.data, 16, train=False)
+  x = pre(tf.constant(split.images[0]), tf.zeros(2, tf.int64))
+  x = np.asarray(x)
+  assert x.shape == (16, 16, 3)
+  np.testing.assert_allclose([x.min(), x.max()], [-1.0, 1.0], atol=1e-5)

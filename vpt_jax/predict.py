@@ -16,7 +16,7 @@ from absl import app, flags
 
 from vpt_jax import utils
 from vpt_jax.tasks import classification
-from vpt_jax.tuning import workdir
+from vpt_jax.tuning import build, workdir
 from vpt_jax.weights import npz
 
 FLAGS = flags.FLAGS
@@ -26,7 +26,9 @@ def define_flags() -> None:
   """Command-line flags, defined only when run as a command (so the module imports cleanly)."""
   flags.DEFINE_string("workdir", None, "A tuned run's workdir (vpt_jax.main).")
   flags.DEFINE_string("checkpoint", None, "A pretrained checkpoint: zoo name, .npz path or URL.")
-  flags.DEFINE_enum("which", "best", ["best", "last"], "Checkpoint of the tuned run.")
+  flags.DEFINE_enum("which", "last", ["last", "best"],
+                    "Checkpoint of the tuned run: 'last' (what results.json reports) or 'best' "
+                    "(best on validation).")
   flags.DEFINE_integer("top_k", 3, "Classes to print per image.")
 
 
@@ -35,14 +37,18 @@ def main(argv: Sequence[str]) -> None:
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir (a tuned run) or --checkpoint")
   if FLAGS.workdir:
-    model, variables = workdir.load_tuned(FLAGS.workdir, which=FLAGS.which)
-    print(f"tuned run {FLAGS.workdir} ({FLAGS.which} checkpoint)")
+    tuned = workdir.load_tuned(FLAGS.workdir, which=FLAGS.which)
+    model, variables = tuned
+    read = tuned.read_image
+    print(f"tuned run {FLAGS.workdir}: {tuned.describe()}; preprocessing "
+          f"{build.preprocessing_spec(tuned.config)}")
   else:
     model, variables = npz.load_pretrained(FLAGS.checkpoint)
+    read = None
     print(f"checkpoint {FLAGS.checkpoint}")
   print(f"ViT patch {tuple(model.patch_size)}, width {model.width}, depth {model.depth}, "
         f"{model.num_classes} classes, input {model.image_size[0]}x{model.image_size[1]}")
-  for name, top in classification.predict(model, variables, argv[1:], FLAGS.top_k):
+  for name, top in classification.predict(model, variables, argv[1:], FLAGS.top_k, read=read):
     print(f"{name}: " + ", ".join(f"class {c} ({p:.3f})" for c, p in top))
   sys.stdout.flush()
 

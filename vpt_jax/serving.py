@@ -40,6 +40,7 @@ from vpt_jax.models.hooks import Hooks, LayerInput
 from vpt_jax.models.vit import VisionTransformer
 from vpt_jax.prompts import plan as plan_lib
 from vpt_jax.prompts import vpt
+from vpt_jax.tuning import build
 from vpt_jax.tuning import workdir as workdir_lib
 
 Array = jax.Array
@@ -290,8 +291,9 @@ class MultiTaskServer:
 
   @classmethod
   def from_workdirs(cls, workdirs: Union[Sequence[str], Mapping[str, str]], *,
-                    which: str = "best") -> "MultiTaskServer":
-    """Loads every tuned run (`load_tuned`) and checks that they share one backbone.
+                    which: str = "last") -> "MultiTaskServer":
+    """Loads every tuned run (`load_tuned`; `which`: 'last', what results.json reports, or
+    'best') and checks that they share one backbone.
 
     The runs must name the same backbone file (sha256) and model config, and must not have
     trained any backbone weight (protocol vpt or linear): otherwise the error names the workdir.
@@ -300,9 +302,16 @@ class MultiTaskServer:
       workdirs = {str(w): str(w) for w in workdirs}
     if not workdirs:
       raise ServingError("no workdirs to serve")
-    tasks, ref = [], None
+    tasks, ref, pre_ref = [], None, None
     for name, wd in workdirs.items():
       tuned = workdir_lib.load_tuned(wd, which=which)
+      pre = build.preprocessing_spec(tuned.config)
+      if pre_ref is None:
+        pre_ref = (wd, pre)
+      elif pre != pre_ref[1]:
+        raise ServingError(f"workdir {wd} preprocesses its images otherwise than {pre_ref[0]} "
+                           f"({pre} vs {pre_ref[1]}): one batch of images cannot be both; "
+                           "serve these tasks from separate servers")
       config, model, variables, sha = (tuned.config, tuned.model, tuned.variables,
                                        tuned.backbone_sha256)
       try:
@@ -317,9 +326,12 @@ class MultiTaskServer:
     # With pool 'original', `prompts.attach` kept the backbone's own pool_type.
     backbone = model.clone(hooks=None)
     try:
-      return cls(backbone, ref[3], tasks)
+      server = cls(backbone, ref[3], tasks)
     except ServingError as e:
       raise ServingError(f"workdirs {list(workdirs.values())}: {e}") from None
+    server.preprocessing = pre_ref[1]  # what every served task's images must go through
+    server.read_image = tuned.read_image
+    return server
 
 
 def _flat(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:

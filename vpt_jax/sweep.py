@@ -29,6 +29,8 @@ def define_flags() -> None:
   flags.DEFINE_list("lr_grid", None, "Override the config's LR_GRID (per 256 images).")
   flags.DEFINE_list("wd_grid", None, "Override the config's WD_GRID.")
   flags.DEFINE_list("seeds", None, "Override the config's SEEDS.")
+  flags.DEFINE_list("length_grid", None, "Prompt lengths to search with --protocol (default: the "
+                    "config's PROMPT_LENGTH_GRID, if any).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,7 +40,7 @@ def main(argv) -> None:
   path, _, arg = FLAGS.config.partition(":")
   if FLAGS.protocol:
     sweeps.run_protocol(path, arg, FLAGS.workdir, lr_grid=FLAGS.lr_grid,
-                        wd_grid=FLAGS.wd_grid, seeds=FLAGS.seeds)
+                        wd_grid=FLAGS.wd_grid, seeds=FLAGS.seeds, length_grid=FLAGS.length_grid)
   else:
     sweeps.run(path, FLAGS.workdir, FLAGS.arm)
 

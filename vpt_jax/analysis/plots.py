@@ -146,7 +146,7 @@ def _show_image(ax, image: np.ndarray) -> None:
   ax.set_yticks([])
 
 
-def tsne_figure(workdir: str, out: str, *, which: str = "best", split: str = "",
+def tsne_figure(workdir: str, out: str, *, which: str = "last", split: str = "",
                 num_examples: int = 500, feature: str = "head_input") -> str:
   """Side-by-side t-SNE of the frozen backbone's and the tuned model's features."""
   run = workdir_lib.load_tuned(workdir, which=which)
@@ -209,7 +209,7 @@ def curves_figure(workdir: str, out: str) -> str:
   return _save(fig, out)
 
 
-def attention_figure(workdir: str, out: str, *, which: str = "best", split: str = "",
+def attention_figure(workdir: str, out: str, *, which: str = "last", split: str = "",
                      num_images: int = 4, layer: int = -1) -> str:
   """Per image: the image, the class token's attention over patches, and over the prompts."""
   run = workdir_lib.load_tuned(workdir, which=which)

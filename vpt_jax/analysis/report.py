@@ -26,8 +26,15 @@ GROUP_COLUMNS = (("vtab-natural", "VTAB Natural"), ("vtab-specialized", "VTAB Sp
 
 
 def method_name(config: Dict) -> str:
+  """The method, named by all that distinguishes runs of the vpt protocol: key-value prompts
+  (E2VPT), pruned and rewound prompts (a fixed mask file), deep or shallow."""
   if config["protocol"] == "vpt":
-    return "VPT-deep" if config["prompt"]["deep"] else "VPT-shallow"
+    p = config["prompt"]
+    if p.get("kv_length"):
+      name = "E2VPT" if p["deep"] else "E2VPT-shallow"
+      return name + (" (pruned)" if p.get("mask_file") else "")
+    name = "VPT-deep" if p["deep"] else "VPT-shallow"
+    return name + (" (pruned)" if p.get("mask_file") else "")
   return {"linear": "Linear", "full": "Full", "bias": "Bias"}.get(config["protocol"],
                                                                     config["protocol"])
 
@@ -104,7 +111,13 @@ def tables(records: Sequence[Dict]) -> Dict[str, str]:
   # One row per (method, backbone): the papers compare methods on each backbone.
   methods = list(dict.fromkeys((r["method"], r.get("backbone", "?")) for r in records))
   tasks = list(dict.fromkeys(r["task"] for r in records))
-  by = {(r["method"], r.get("backbone", "?"), r["task"]): r for r in records}
+  by = {}
+  for r in records:
+    key = (r["method"], r.get("backbone", "?"), r["task"])
+    if key in by:
+      raise ValueError(f"two runs of method {key[0]!r} on task {key[2]!r}: {by[key]['dir']} and "
+                       f"{r['dir']} (backbone {key[1]}); report one of them")
+    by[key] = r
   lines = ["| Method | Backbone | Total params | "
            + " | ".join(name for _, name in GROUP_COLUMNS) + " |",
            "| --- | --- | --- |" + " --- |" * len(GROUP_COLUMNS)]

@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 import zlib
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -160,8 +160,27 @@ def _read_json(path: str) -> dict:
   return table
 
 
+def fgvc_label_ids(root: str, fallback: str) -> Dict[int, int]:
+  """Label value -> contiguous id, as the official json reader: the sorted unique labels (of
+  train.json, the full training set; of the `fallback` json file without one), so 1-based or
+  sparse label files (NABirds) load."""
+  path = os.path.join(root, "train.json")
+  path = path if os.path.isfile(path) else fallback
+  table = _read_json(path)
+  values = sorted({_parse_label(v, f"{path} entry {k!r}") for k, v in table.items()})
+  return {v: i for i, v in enumerate(values)}
+
+
+def fgvc_train_file(percentage: float) -> str:
+  """The training list of a data fraction: train.json, or the official `train_{p}.json` subset
+  (`DATA.PERCENTAGE` of the VPT code, e.g. train_0.1.json) when percentage < 1."""
+  if not 0 < percentage <= 1:
+    raise ValueError(f"config data.percentage={percentage}: expected 0 < percentage <= 1")
+  return "train.json" if percentage == 1 else f"train_{percentage}.json"
+
+
 def read_fgvc_json(root: str, split: str, *, image_dir: str = "",
-                   on_bad_image: str = "fail") -> Split:
+                   on_bad_image: str = "fail", percentage: float = 1.0) -> Split:
   """A split of a VPT FGVC folder: root/<split>.json maps image path -> label.
 
   Images are read from root/image_dir/<path> (CUB: 'images', Stanford Dogs: 'Images', Cars and
@@ -170,13 +189,20 @@ def read_fgvc_json(root: str, split: str, *, image_dir: str = "",
   the first 90% (floor) for train and the rest for val, each then sorted by path — fixed, so the
   validation images never leak into training across runs.
   on_bad_image: as in `read_vtab_lists`.
+  Labels are remapped to contiguous ids (`fgvc_label_ids`). percentage < 1 trains on the official
+  few-shot subset `train_{percentage}.json` (split 'train' only; with val.json present).
   """
   _check_mode(on_bad_image)
   if split not in FGVC_SPLITS:
     raise ValueError(f"FGVC split {split!r}: expected one of {', '.join(FGVC_SPLITS)}")
   _check_root(root, _FGVC_LAYOUT)
   derive = split in ("train", "val") and not os.path.isfile(os.path.join(root, "val.json"))
-  json_path = os.path.join(root, "train.json" if derive else f"{split}.json")
+  train_file = fgvc_train_file(percentage)
+  if derive and percentage != 1:
+    raise ValueError(f"config data.percentage={percentage} needs val.json in {root}: the "
+                     f"official subsets ({train_file}) are cut from the 90% train.json")
+  json_path = os.path.join(root, "train.json" if derive else
+                           train_file if split == "train" else f"{split}.json")
   if not os.path.isfile(json_path):
     note = " (val.json is missing too, so val would be cut from train.json)" if derive else ""
     raise FileNotFoundError(f"{json_path}: no split file for split {split!r}{note} "
@@ -192,8 +218,16 @@ def read_fgvc_json(root: str, split: str, *, image_dir: str = "",
     raise ValueError(f"{json_path} lists no images" +
                      (f" for the derived {split!r} part" if derive else ""))
   image_root = os.path.join(root, image_dir)
-  items = [(os.path.join(image_root, p), _parse_label(table[p], f"{json_path} entry {p!r}"),
-            f"{json_path} entry {p!r}") for p in paths]
+  labels = {p: _parse_label(table[p], f"{json_path} entry {p!r}") for p in paths}
+  ids = fgvc_label_ids(root, json_path)
+  items = []
+  for p in paths:
+    where = f"{json_path} entry {p!r}"
+    label = labels[p]
+    if label not in ids:
+      raise ValueError(f"{where}: label {label} does not occur in "
+                       f"{os.path.join(root, 'train.json')}")
+    items.append((os.path.join(image_root, p), ids[label], where))
   what = f"FGVC split {split!r} ({json_path}{', 90/10 cut' if derive else ''})"
   return _read_items(items, what, on_bad_image)
 

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vpt_jax.data.split import Split, eval_order
+from vpt_jax.data.split import Split, eval_order, train_order
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +40,9 @@ def make_preprocess(cfg: ml_collections.ConfigDict, image_size: int, train: bool
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
     image = tf.cast(image, tf.float32)
+    scale = cfg.get("pixel_scale", 1)
+    if scale != 1:
+      image = image * float(scale)  # dSprites' {0, 1} pixels -> {0, 255}, as VTAB does
     if cfg.crop == "resize":
       image = tf.image.resize(image, (image_size, image_size), "bilinear")
     else:
@@ -103,7 +106,8 @@ class Pipeline:
 
   @property
   def steps_per_epoch(self) -> int:
-    return len(self.split) // self.batch_size
+    """ceil(n / batch): every example each epoch, the last batch padded and masked."""
+    return -(-len(self.split) // self.batch_size)
 
   def _dataset(self, index: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> tf.data.Dataset:
     images, labels, seed = self._images, self._labels, self.seed
@@ -132,20 +136,20 @@ class Pipeline:
     return np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
 
   def train_batches(self, start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+    """Endless training batches from `start_step`; each carries 'mask' (0 on the padding rows of
+    an epoch's last batch, which the train step leaves out of the loss)."""
     spe = self.steps_per_epoch
     if spe == 0:
-      raise ValueError(f"batch size {self.batch_size} is larger than the training split "
-                       f"({len(self.split)} examples)")
+      raise ValueError("the training split is empty")
     epoch, skip = divmod(start_step, spe)
+    b = self.batch_size
     while True:
-      order = self.epoch_order(epoch)[skip * self.batch_size:spe * self.batch_size]
-      positions = epoch * len(self.split) + np.arange(skip * self.batch_size,
-                                                      spe * self.batch_size)
-      index = self._local_rows(order)
-      pos = self._local_rows(positions)
-      ds = self._dataset(index, pos, np.ones(len(index), np.float32))
-      for batch in ds.as_numpy_iterator():
-        yield {k: v for k, v in batch.items() if k != "mask"}
+      order, mask = train_order(self.epoch_order(epoch), b)
+      positions = epoch * len(self.split) + np.arange(len(order))
+      sl = slice(skip * b, spe * b)
+      ds = self._dataset(self._local_rows(order[sl]), self._local_rows(positions[sl]),
+                         self._local_rows(mask[sl]))
+      yield from ds.as_numpy_iterator()
       epoch, skip = epoch + 1, 0
 
   def eval_batches(self) -> Iterator[Dict[str, np.ndarray]]:

@@ -47,8 +47,12 @@ def default_config() -> ml_collections.ConfigDict:
     dsprites_location, dsprites_orientation).
   crop: 'resize' (straight to image_size, no augmentation: VTAB) or 'resize_crop' (shorter side
     to resize_size, random crop + flip for training, central crop for evaluation: FGVC).
+  pixel_scale: decoded pixels are multiplied by this before anything else (a VTAB task's
+    `pixel_scale`: 255 for dSprites, whose tfds images hold {0, 1}; 1 elsewhere).
   normalization: 'minus_one_one' (the range the ViT checkpoints were trained on) or 'imagenet'
     (mean/std, what the official VPT code fed them).
+  percentage: fgvc_json only: < 1 trains on the official few-shot subset train_{percentage}.json
+    (e.g. 0.1 -> train_0.1.json), as the VPT code's DATA.PERCENTAGE.
   on_bad_image: image files that are not JPEG/PNG/GIF/BMP: 'fail' (name the file) or 'skip'
     (drop them with one warning that counts them).
   val_split='holdout': the validation set is a seeded random `holdout_fraction` of train_split,
@@ -58,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="digits", name="", data_dir="", train_split="train800", val_split="val200",
       test_split="test", num_classes=0, image_key="image", label_key="label", label_transform="",
-      crop="resize", resize_size=256, normalization="minus_one_one", root="", image_dir="",
+      crop="resize", resize_size=256, pixel_scale=1, normalization="minus_one_one", root="",
+      image_dir="", percentage=1.0,
       on_bad_image="fail", val_fraction=0.1, test_fraction=0.0, holdout_fraction=0.1,
       holdout_seed=0))
 
@@ -116,7 +121,8 @@ SOURCES = {
     "vtab_folder": lambda cfg, split: folders.read_vtab_lists(
         cfg.root, split, on_bad_image=cfg.on_bad_image),
     "fgvc_json": lambda cfg, split: folders.read_fgvc_json(
-        cfg.root, split, image_dir=cfg.image_dir, on_bad_image=cfg.on_bad_image),
+        cfg.root, split, image_dir=cfg.image_dir, on_bad_image=cfg.on_bad_image,
+        percentage=cfg.get("percentage", 1.0)),
     "folder": lambda cfg, split: folders.read_class_folders(
         cfg.root, split, on_bad_image=cfg.on_bad_image, val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction),

@@ -28,3 +28,12 @@ def eval_order(n: int, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
   by wrapping around, and the padding rows carry mask 0 so metrics count each example once."""
   padded = -(-n // batch_size) * batch_size
   return np.arange(padded) % n, (np.arange(padded) < n).astype(np.float32)
+
+
+def train_order(order: np.ndarray, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(index, mask) of one training epoch in whole batches: every example once, in `order`, and
+  the last batch filled up by wrapping around with mask 0 (the official loader keeps the partial
+  last batch; padding + mask keeps one compiled step). ceil(n / batch_size) batches."""
+  n = len(order)
+  padded = -(-n // batch_size) * batch_size
+  return order[np.arange(padded) % n], (np.arange(padded) < n).astype(np.float32)

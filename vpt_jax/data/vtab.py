@@ -35,6 +35,10 @@ class Task:
   test: str
   label_key: str = "label"
   label_transform: str = ""    # a key of LABEL_TRANSFORMS, '' = the label feature as it is
+  # The per-task image transform task_adaptation applies before anything else: decoded pixels are
+  # multiplied by this (dSprites stores {0, 1}; VTAB multiplies by 255). Grayscale builders
+  # (dSprites, smallNORB) are tiled to 3 channels by every pipeline (`data.pipeline`).
+  pixel_scale: int = 1
 
   @property
   def train800val200(self) -> str:
@@ -93,15 +97,29 @@ TASKS: Dict[str, Task] = {t.name: t for t in [
          "test", label_transform="kitti_distance"),
     Task("dsprites_location", "structured", "dsprites:2.*.*", 16, "train[:800]",
          _val_from_train(0.8, 737280), f"train[{_at(0.9, 737280)}:]",  # dsprites.py; 80/10/10
-         label_key="label_x_position", label_transform="dsprites_location"),
+         label_key="label_x_position", label_transform="dsprites_location",
+         pixel_scale=255),
     Task("dsprites_orientation", "structured", "dsprites:2.*.*", 16, "train[:800]",
          _val_from_train(0.8, 737280), f"train[{_at(0.9, 737280)}:]",
-         label_key="label_orientation", label_transform="dsprites_orientation"),
+         label_key="label_orientation", label_transform="dsprites_orientation",
+         pixel_scale=255),
     Task("smallnorb_azimuth", "structured", "smallnorb:2.*.*", 18, "train[:800]", "test[:200]",
          "test[50%:]", label_key="label_azimuth"),            # smallnorb.py: val/test from test
     Task("smallnorb_elevation", "structured", "smallnorb:2.*.*", 9, "train[:800]", "test[:200]",
          "test[50%:]", label_key="label_elevation"),
 ]}
+
+
+# What task_adaptation's per-task `preprocess_fn` does to the image, checked against each of the
+# 19 rows (VPT's src/data/vtab_datasets/*.py; tests/test_vtab.py checks the value range of every
+# task's preprocessed mock images built with the builder's real dtype, channels and range):
+# - dsprites.py: `tf.tile(image, [1, 1, 3]) * 255` (stored {0, 1}, 1 channel) -> pixel_scale=255
+#   and the pipeline's grayscale -> RGB.
+# - smallnorb.py: `tf.tile(image, [1, 1, 3])` (uint8 0..255, 1 channel) -> grayscale -> RGB.
+# - every other task: the RGB uint8 image as stored, no crop; then VPT's loader resizes it to
+#   224x224 (bilinear, aspect not kept). diabetic_retinopathy's heavy augmentation is off in
+#   VTAB-1k (task_adaptation's default); the btgraham-300 builder is already cropped to 300px.
+PREPROCESSING_CHECKED = tuple(TASKS)
 
 
 # ------------------------------------------------------------------------------------------------

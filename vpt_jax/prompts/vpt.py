@@ -141,8 +141,10 @@ class VPT(Hooks):
 
   @property
   def init_bound(self) -> float:
+    """sqrt(6 / (3 patch^2 + prompt dim)); the prompt dim is the projected one with `project`,
+    as the official code (its `prompt_dim` is PROJECT when set)."""
     ph, pw = self.patch_size
-    return math.sqrt(6.0 / (self.in_channels * ph * pw + self.width))
+    return math.sqrt(6.0 / (self.in_channels * ph * pw + (self.project or self.width)))
 
   @property
   def kv_bound(self) -> float:
@@ -179,10 +181,11 @@ class VPT(Hooks):
       self.channel_kernel = var("channel_kernel", (*self.patch_size, p, d),
                                 lambda k, s: jnp.zeros(s, jnp.float32))
     if self.project and p:
-      # kaiming-normal over fan-out, as the official projection layer.
+      # kaiming-normal over fan-out, as the official projection layer; its bias keeps torch's
+      # default Linear init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = dp.
       self.proj_kernel = var("proj_kernel", (dp, d),
                              lambda k, s: jax.random.normal(k, s) * math.sqrt(2.0 / d))
-      self.proj_bias = var("proj_bias", (d,), lambda k, s: jnp.zeros(s, jnp.float32))
+      self.proj_bias = var("proj_bias", (d,), _uniform(1.0 / math.sqrt(dp)))
     if self.kv_length:
       # (layers, heads, n, head_dim) as the official code; Kaiming-uniform over its fan-in
       # n * head_dim: U(-b, b), b = sqrt(6 / (n * head_dim)).

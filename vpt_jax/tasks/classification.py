@@ -7,7 +7,7 @@ generated test patterns stand in, so a prediction runs offline on a fresh machin
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +52,18 @@ def read_image(path: str, size: Tuple[int, int]) -> np.ndarray:
 
 
 def predict(model, variables, image_files: Sequence[str] = (), top_k: int = 3,
-            batch_size: int = 32) -> List[Tuple[str, List[Tuple[int, float]]]]:
-  """(image name, [(class, probability)] * top_k) for each file, or for the test patterns."""
+            batch_size: int = 32, read: Optional[Callable[[str], np.ndarray]] = None
+            ) -> List[Tuple[str, List[Tuple[int, float]]]]:
+  """(image name, [(class, probability)] * top_k) for each file, or for the test patterns.
+
+  read: path -> model input; a tuned run's own preprocessing (`Tuned.read_image`). Default:
+  resize to the model's size and scale to [-1, 1] (a pretrained checkpoint's inputs).
+  """
   if not model.num_classes:
     raise ValueError("this model has no classification head")
   size = tuple(model.image_size)
-  images = ({n: read_image(n, size) for n in image_files} if image_files
-            else test_patterns(size))
+  read = read or (lambda n: read_image(n, size))
+  images = ({n: read(n) for n in image_files} if image_files else test_patterns(size))
   apply = jax.jit(model.apply)
   keys = list(images)
   out = []

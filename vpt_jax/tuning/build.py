@@ -19,7 +19,7 @@ from vpt_jax import prompts, utils
 from vpt_jax.models import heads
 from vpt_jax.models.hooks import hook_parts
 from vpt_jax.models.vit import VisionTransformer
-from vpt_jax.tuning import cache, optim, rules
+from vpt_jax.tuning import cache, head_init, optim, rules
 from vpt_jax.weights import backbones, download
 
 _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data",
@@ -127,6 +127,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   rules.protocol_modules(config.protocol)  # checks the protocol's name (and mlp-k's k)
   if "cache_features" in config:
     cache.cache_mode(config.cache_features)
+  head_init.check(config.model.get("head_init", "zeros"))
 
 
 def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None) -> Built:
@@ -157,12 +158,35 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
                  **prompts.init_masks(model)}
     variables = prompts.load_masks(variables, config.prompt)
   model, variables = _attach_modules(config, model, variables, rng)
+  variables = _init_head(config, variables)
   patterns = trainable_patterns(config, model)
   mask = rules.label(variables, patterns)
   return Built(model=model, variables=variables, patterns=patterns, mask=mask,
                backbone_file=path, backbone_sha256=download.file_sha256(path),
-               preprocessing={k: config.data[k] for k in PREPROCESSING
-                              if "data" in config and k in config.data})
+               preprocessing=preprocessing_spec(config))
+
+
+def preprocessing_spec(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """What the run's preprocessing turns an image into the model input with (in the fingerprint,
+  applied by predict and serving). `pixel_scale` only when it is not 1, so fingerprints written
+  before it existed stay valid."""
+  if "data" not in config:
+    return {}
+  spec = {k: config.data[k] for k in PREPROCESSING if k in config.data}
+  if config.data.get("pixel_scale", 1) != 1:
+    spec["pixel_scale"] = config.data.pixel_scale
+  return spec
+
+
+def _init_head(config: ml_collections.ConfigDict, variables: Dict[str, Any]) -> Dict[str, Any]:
+  """The fresh head by `model.head_init` (configs without it, e.g. old workdirs: zeros), from its
+  own key (fold 2 of the run's seed), so prompts and modules keep their initial values."""
+  kind = config.model.get("head_init", "zeros")
+  if kind == "zeros":
+    return variables
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  head = head_init.init_head(kind, variables["params"]["head"], rng)
+  return {**variables, "params": {**variables["params"], "head": head}}
 
 
 def trainable_patterns(config: ml_collections.ConfigDict, model: VisionTransformer) -> List[str]:

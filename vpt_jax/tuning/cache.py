@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from vpt_jax import prompts
-from vpt_jax.data.split import eval_order
+from vpt_jax.data.split import eval_order, train_order
 from vpt_jax.models import heads
 from vpt_jax.models.hooks import Hooks, hook_parts
 from vpt_jax.models.vit import VisionTransformer
@@ -171,9 +171,9 @@ class TokenPipeline:
     spe, b = self.steps_per_epoch, self.pipe.batch_size
     epoch, skip = divmod(start_step, spe)
     while True:
-      order = self.pipe.epoch_order(epoch)
+      order, mask = train_order(self.pipe.epoch_order(epoch), b)
       for s in range(skip, spe):
-        yield self._batch(order[s * b:(s + 1) * b])
+        yield {**self._batch(order[s * b:(s + 1) * b]), "mask": mask[s * b:(s + 1) * b]}
       epoch, skip = epoch + 1, 0
 
   def eval_batches(self) -> Iterator[Dict[str, np.ndarray]]:

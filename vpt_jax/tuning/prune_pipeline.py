@@ -5,11 +5,15 @@ the training stages resume from their own checkpoints):
 
     dense/          the config trained with prompt.masks=True (masks all ones)
     scores.npz      importance of every token / segment mask entry over one training epoch
-    masks.npz       0/1 masks after pruning config.prune.token_fraction / segment_fraction
-    rewind/         the prompts retrained with those masks fixed (config.prune.rewind_init)
-    pruned.npz      compact: the kept tokens' kept dimensions, their indices, the other
-                    trainable leaves (head, key-value prompts); `load_pruned` rebuilds a model
-    prune_results.json   dense vs rewound accuracy and the real trainable parameter counts
+    masks/t{tf}_s{sf}.npz   0/1 masks of each pruning level (config.prune.token_fraction /
+                    segment_fraction, or every pair of config.prune.grid)
+    rewind/t{tf}_s{sf}/     the prompts retrained with those masks fixed (config.prune.rewind_init),
+                    and its pruned.npz; directories keyed by the fractions, so a rerun with
+                    other fractions neither reuses nor collides with another level's run
+    pruned.npz      compact, of the level chosen on validation (ties to more pruning): the kept
+                    tokens' kept dimensions, their indices, the other trainable leaves (head,
+                    key-value prompts); `load_pruned(rewind_dir)` rebuilds a model
+    prune_results.json   dense vs rewound accuracy, every level's, the real trainable counts
 """
 
 from __future__ import annotations
@@ -29,15 +33,15 @@ from vpt_jax.prompts import e2vpt
 from vpt_jax.tuning import build, loop, pruning, rules, steps, workdir as workdir_lib
 
 
-def stage_configs(config: ml_collections.ConfigDict, workdir: str
+def stage_configs(config: ml_collections.ConfigDict, workdir: str, level: str = ""
                   ) -> Tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-  """(dense config, rewind config) for a user's config."""
+  """(dense config, rewind config of pruning level `level`) for a user's config."""
   pruning.check_config(config.prune)
   dense = ml_collections.ConfigDict(config.to_dict())
   dense.prompt.masks = True
   dense.prompt.mask_file = ""
   rewind = ml_collections.ConfigDict(dense.to_dict())
-  rewind.prompt.mask_file = os.path.join(workdir, "masks.npz")
+  rewind.prompt.mask_file = os.path.join(workdir, "masks", f"{level or 'masks'}.npz")
   if config.prune.rewind_init == "fresh":
     rewind.prompt.init_seed = config.seed + 1 if config.prompt.init_seed < 0 else \
         config.prompt.init_seed + 1
@@ -91,7 +95,7 @@ def save_pruned(rewind_dir: str, path: str) -> Dict[str, Any]:
 def load_pruned(rewind_dir: str, path: str | None = None) -> Tuple[Any, Dict[str, Any]]:
   """(model, variables) of the compact pruned model: only the kept tokens are in the sequence."""
   config = workdir_lib.read_config(rewind_dir)
-  path = path or os.path.join(os.path.dirname(os.path.abspath(rewind_dir)), "pruned.npz")
+  path = path or os.path.join(rewind_dir, "pruned.npz")
   with np.load(path) as f:
     arrays = {k: f[k] for k in f.files}
   packed = {k[len("prompt_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("prompt_")}
@@ -123,8 +127,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
   say = utils.lead_printer()
-  dense_cfg, rewind_cfg = stage_configs(config, workdir)
-  dense_dir, rewind_dir = os.path.join(workdir, "dense"), os.path.join(workdir, "rewind")
+  dense_cfg, _ = stage_configs(config, workdir)
+  dense_dir = os.path.join(workdir, "dense")
 
   def trained(cfg, d, name):
     path = os.path.join(d, "results.json")
@@ -144,16 +148,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     scores = score(dense_dir, say=say)
     if lead:
       utils.atomic_savez(scores_path, scores)
-  masks = pruning.prune_masks(scores, config.prune.token_fraction, config.prune.segment_fraction)
+  runs = []
+  for tf, sf in pruning.levels(config.prune):
+    level = pruning.level_name(tf, sf)
+    _, rewind_cfg = stage_configs(config, workdir, level)
+    rewind_cfg.prune.token_fraction, rewind_cfg.prune.segment_fraction = tf, sf
+    rewind_dir = os.path.join(workdir, "rewind", level)
+    masks = pruning.prune_masks(scores, tf, sf)
+    if lead:
+      os.makedirs(os.path.dirname(rewind_cfg.prompt.mask_file), exist_ok=True)
+      utils.atomic_savez(rewind_cfg.prompt.mask_file, masks)
+    say(f"[3/4 prune {level}] keeping {int(masks['tokens'].sum())}/{len(masks['tokens'])} "
+        f"tokens, {int(masks['segments'].sum(1).max())}/{masks['segments'].shape[1]} segments "
+        f"each: {rewind_cfg.prompt.mask_file}")
+    r = trained(rewind_cfg, rewind_dir, f"4/4 rewind {level} ({config.prune.rewind_init} init)")
+    runs.append({"level": level, "token_fraction": tf, "segment_fraction": sf, "dir": rewind_dir,
+                 **{k: r[k] for k in ("val_top1", "test_top1") if k in r}, "_r": r})
+  # The official choice: best last-epoch validation, ties to more pruning.
+  best = max(runs, key=lambda x: (x.get("val_top1") or 0.0, x["token_fraction"],
+                                  x["segment_fraction"]))
+  rewound = best.pop("_r")
+  summary: Dict[str, Any] = {"prune": config.prune.to_dict(), "chosen": best["level"],
+                             "rewind_dir": best["dir"],
+                             "levels": [{k: v for k, v in x.items() if k != "_r"} for x in runs]}
   if lead:
-    utils.atomic_savez(rewind_cfg.prompt.mask_file, masks)
-  say(f"[3/4 prune] keeping {int(masks['tokens'].sum())}/{len(masks['tokens'])} tokens, "
-      f"{int(masks['segments'].sum(1).max())}/{masks['segments'].shape[1]} segments each: "
-      f"{rewind_cfg.prompt.mask_file}")
-  rewound = trained(rewind_cfg, rewind_dir, f"4/4 rewind ({config.prune.rewind_init} init)")
-  summary: Dict[str, Any] = {"prune": config.prune.to_dict()}
-  if lead:
-    summary.update(save_pruned(rewind_dir, os.path.join(workdir, "pruned.npz")))
+    counts = save_pruned(best["dir"], os.path.join(best["dir"], "pruned.npz"))
+    save_pruned(best["dir"], os.path.join(workdir, "pruned.npz"))
+    summary.update(counts)
   for name, r in (("dense", dense), ("rewind", rewound)):
     for k in ("val_top1", "test_top1"):
       if k in r:
@@ -161,5 +182,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if lead:
     with open(os.path.join(workdir, "prune_results.json"), "w") as f:
       json.dump(summary, f, indent=2)
-    say("pruned: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "prune"))
+    say("pruned: " + ", ".join(f"{k} {v}" for k, v in summary.items()
+                               if k not in ("prune", "levels")))
   return summary

@@ -46,12 +46,37 @@ def default_config() -> ml_collections.ConfigDict:
 
   token_fraction: share of the p visual prompt tokens to prune (int(p * f), at most p - 1).
   segment_fraction: share of the R segments to prune in every kept token (int(R * f), at most
-    R - 1).
+    R - max(1, R // 4): every kept token keeps 4 of 16 segments at least, as the official code).
   rewind_init: 'fresh' (a new random initialisation, seed + 1, as the official code) or
     'initial' (the dense run's initial prompt values, the lottery-ticket reading of rewinding).
+  grid: '' (the one pair above) or 'tf:sf;tf:sf;...': every (token, segment) pruning level is
+    rewound and the best on validation kept (ties to more pruning), as the official code's grid.
   """
   return ml_collections.ConfigDict(dict(token_fraction=0.5, segment_fraction=0.25,
-                                        rewind_init="fresh"))
+                                        rewind_init="fresh", grid=""))
+
+
+def levels(cfg: ml_collections.ConfigDict) -> Tuple[Tuple[float, float], ...]:
+  """The (token_fraction, segment_fraction) pairs to rewind: `grid`, or the single pair."""
+  if not cfg.get("grid", ""):
+    return ((float(cfg.token_fraction), float(cfg.segment_fraction)),)
+  out = []
+  for item in cfg.grid.split(";"):
+    try:
+      tf, sf = (float(x) for x in item.split(":"))
+    except ValueError:
+      raise ValueError(f"config prune.grid={cfg.grid!r}: expected 'tf:sf;tf:sf;...', got "
+                       f"{item!r}") from None
+    for key, v in (("token_fraction", tf), ("segment_fraction", sf)):
+      if not 0.0 <= v < 1.0:
+        raise ValueError(f"config prune.grid={cfg.grid!r}: {key} {v} must be in [0, 1)")
+    out.append((tf, sf))
+  return tuple(dict.fromkeys(out))
+
+
+def level_name(tf: float, sf: float) -> str:
+  """The directory / file key of one pruning level, e.g. t0.5_s0.25."""
+  return f"t{tf:g}_s{sf:g}"
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -62,6 +87,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.rewind_init not in REWIND_INITS:
     raise ValueError(f"config prune.rewind_init={cfg.rewind_init!r}: expected one of "
                      f"{REWIND_INITS}")
+  levels(cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,9 +145,16 @@ def importance(step: Callable, trainable: Tree, frozen: Tree, batches: Iterable[
 # Pruning.
 
 
+def min_segments(r: int) -> int:
+  """Segments every kept token keeps at least: a quarter (4 of 16, the official
+  MIN_NUMBER_CLS_TOKEN_PIECE), and at least one."""
+  return max(1, r // 4)
+
+
 def counts(p: int, r: int, token_fraction: float, segment_fraction: float) -> Tuple[int, int]:
-  """(tokens pruned, segments pruned per kept token): int(n * f), keeping at least one of each."""
-  return min(int(p * token_fraction), p - 1), min(int(r * segment_fraction), r - 1)
+  """(tokens pruned, segments pruned per kept token): int(n * f), keeping at least one token and
+  `min_segments(r)` segments of each kept token, as the official code caps them."""
+  return min(int(p * token_fraction), p - 1), min(int(r * segment_fraction), r - min_segments(r))
 
 
 def prune_masks(scores: Mapping[str, np.ndarray], token_fraction: float,

@@ -38,13 +38,24 @@ def create_train_state(trainable: Tree, tx: optax.GradientTransformation,
                     opt_state=tx.init(trainable), rng=rng)
 
 
-def make_loss_fn(model: Any) -> Callable:
-  """loss(trainable, frozen, images, labels, rng) -> (mean loss, logits)."""
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean over the rows with mask 1 (all rows without a mask): padding rows contribute nothing."""
+  if mask is None:
+    return values.mean()
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
-  def loss_fn(trainable, frozen, images, labels, rng):
+
+def make_loss_fn(model: Any) -> Callable:
+  """loss(trainable, frozen, images, labels, rng, mask=None) -> (mean loss, logits).
+
+  `mask` (1 = real example) excludes the padding rows of an epoch's last, partial batch, so the
+  gradient is the one of the real examples alone (the official loader's smaller last batch).
+  """
+
+  def loss_fn(trainable, frozen, images, labels, rng, mask=None):
     variables = rules.merge(trainable, frozen)
     logits = model.apply(variables, images, train=True, rngs={"dropout": rng})
-    return cross_entropy(logits, labels).mean(), logits
+    return masked_mean(cross_entropy(logits, labels), mask), logits
   return loss_fn
 
 
@@ -55,12 +66,15 @@ def make_train_step(model: Any, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, frozen: Tree, batch: Mapping[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, logits), grads = grad_fn(state.trainable, frozen, batch["image"], batch["label"], rng)
+    mask = batch.get("mask")
+    (loss, logits), grads = grad_fn(state.trainable, frozen, batch["image"], batch["label"], rng,
+                                    mask)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "accuracy": masked_mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
+                                mask),
         "grad_norm": optax.tree.norm(grads),
     }
     if schedule is not None:

@@ -11,6 +11,9 @@ config's LR_GRID x WD_GRID trains on train800 and is scored by its last-epoch va
 (ties to the smaller lr) is retrained with each of SEEDS on train800val200 and scored on test;
 `workdir/protocol.json` holds the grid, the choice and the test top-1 per seed and their mean.
 Grid values are quoted per 256 images, as the official scripts do, and used at lr * batch / 256.
+The prompt length is a tuned hyperparameter in the paper: with a length grid (the config file's
+PROMPT_LENGTH_GRID, or `length_grid`), every (p, lr, wd) trains in `grid/p{p}_lr{lr}_wd{wd}` and
+the best on val200 (ties to the smaller lr, then the shorter prompt) fixes p for the final runs.
 Everything is resumable: a finished run (with results.json) is never rerun, an interrupted one
 continues from its checkpoint.
 """
@@ -75,9 +78,10 @@ def _finished(workdir: str) -> Dict | None:
 
 
 def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_grid=None,
-                 seeds=None) -> Dict:
+                 seeds=None, length_grid=None) -> Dict:
   """The paper's protocol for one task; see the module docstring."""
   module = load_config_module(config_path)
+  lengths = [int(x) for x in (length_grid or getattr(module, "PROMPT_LENGTH_GRID", ()) or ())]
   lr_grid = [float(x) for x in (lr_grid or (module.lr_grid(arg) if hasattr(module, "lr_grid")
                                              else module.LR_GRID))]
   wd_grid = [float(x) for x in (wd_grid or module.WD_GRID)]
@@ -95,21 +99,27 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
     return loop.train_and_evaluate(module.get_config(prefix + extra), d)
 
   grid = []
-  for lr in lr_grid:
-    for wd in wd_grid:
-      r = run(f"grid/lr{lr:g}_wd{wd:g}", f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}")
-      if r.get("val_top1") is None:
-        raise ValueError(f"{config_path}:{arg} has no validation split to select on")
-      grid.append({"lr": lr, "wd": wd, "val_top1": r["val_top1"]})
-  best = max(grid, key=lambda g: (g["val_top1"], -g["lr"]))
+  for p in lengths or [None]:
+    for lr in lr_grid:
+      for wd in wd_grid:
+        sub = f"grid/lr{lr:g}_wd{wd:g}" if p is None else f"grid/p{p}_lr{lr:g}_wd{wd:g}"
+        extra = "" if p is None else f",prompt.length={p}"
+        r = run(sub, f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}{extra}")
+        if r.get("val_top1") is None:
+          raise ValueError(f"{config_path}:{arg} has no validation split to select on")
+        grid.append({"lr": lr, "wd": wd, "val_top1": r["val_top1"]} |
+                    ({} if p is None else {"length": p}))
+  best = max(grid, key=lambda g: (g["val_top1"], -g["lr"], -g.get("length", 0)))
   finals = []
   for seed in seeds:
+    extra = f",prompt.length={best['length']}" if "length" in best else ""
     r = run(f"final/seed{seed}", f"final,optim.lr={best['lr'] * batch / 256!r},"
-                                 f"optim.wd={best['wd']!r},seed={seed}")
+                                 f"optim.wd={best['wd']!r},seed={seed}{extra}")
     finals.append({"seed": seed, "test_top1": r["test_top1"], "results": r})
   tops = [f["test_top1"] for f in finals]
   summary = {
       "config": f"{config_path}:{arg}", "lr_grid_per_256": lr_grid, "wd_grid": wd_grid,
+      "length_grid": lengths,
       "batch_size": batch, "grid": grid, "best": best,
       "final": [{k: v for k, v in f.items() if k != "results"} for f in finals],
       "test_top1_mean": float(sum(tops) / len(tops)),

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vpt_jax import prompts
@@ -159,6 +160,14 @@ class Tuned:
   config: ml_collections.ConfigDict
   mask: Any                      # the trainable rule's bool tree over `variables`
   backbone_sha256: str
+  checkpoint: str = "last"       # which checkpoint was restored: 'last' or 'best'
+  step: int = -1                 # its training step
+
+  def describe(self) -> str:
+    """Names the restored checkpoint, for output next to predictions."""
+    what = ("the last epoch's, whose numbers results.json reports" if self.checkpoint == "last"
+            else "the best on validation, not the one results.json reports")
+    return f"{self.checkpoint} checkpoint (step {self.step}; {what})"
 
   def __iter__(self) -> Iterator[Any]:
     return iter((self.model, self.variables))
@@ -174,12 +183,27 @@ class Tuned:
     from vpt_jax.data import pipeline
     return pipeline.make_preprocess(self.config.data, self.model.image_size[0], train=train)
 
+  def read_image(self, path: str):
+    """An image file as the run's evaluation preprocessing makes it (resize or resize + central
+    crop, its normalisation): what `predict` and serving feed the tuned model."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top; heavy, only for file input
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"image file {path!r} not found")
+    with open(path, "rb") as f:
+      data = f.read()
+    try:
+      out = self.preprocess(train=False)(tf.constant(data), tf.zeros(2, tf.int64))
+    except tf.errors.InvalidArgumentError as e:
+      raise ValueError(f"cannot read {path!r} as an image ({e.message})") from e
+    return np.asarray(out)
 
-def load_tuned(workdir: str, *, which: str = "best") -> Tuned:
+
+def load_tuned(workdir: str, *, which: str = "last") -> Tuned:
   """A tuned run: its public backbone plus its saved trainable leaves (`Tuned`).
 
-  which: 'best' (best validation top-1; falls back to 'last' if the run had no validation) or
-  'last'. `model.apply(variables, images)` then predicts like the trained model.
+  which: 'last' (default: the final state, the one whose numbers results.json and the paper
+  report) or 'best' (best validation top-1; falls back to 'last' if the run had no validation).
+  `model.apply(variables, images)` then predicts like the trained model.
   """
   if which not in ("best", "last"):
     raise ValueError(f"which={which!r}: 'best' or 'last'")
@@ -193,10 +217,10 @@ def load_tuned(workdir: str, *, which: str = "best") -> Tuned:
   try:
     state = ckpt.restore(abstract, which=which)
     if state is None and which == "best":
-      state = ckpt.restore(abstract, which="last")
+      which, state = "last", ckpt.restore(abstract, which="last")
   finally:
     ckpt.close()
   if state is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint saved yet")
   return Tuned(built.model, rules.merge(state.trainable, frozen), config, built.mask,
-               built.backbone_sha256)
+               built.backbone_sha256, checkpoint=which, step=int(state.step))
