@@ -9,12 +9,16 @@ from the repository root (configs are imported as the `configs` package).
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
 from vpt_jax import utils
 from vpt_jax.tuning import loop
+from vpt_jax.tuning import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/vtab.py:cifar100.",
@@ -30,7 +34,13 @@ def main(argv) -> None:
   utils.command_setup(argv)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except workdir_lib.SaveFailed as e:
+    # A failed orbax save leaves non-daemon threads that never finish: exit without joining them.
+    print(f"vpt_jax.main: error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ class FingerprintMismatch(ValueError):
   """A checkpoint was made on another backbone or model than the one it is restored onto."""
 
 
+class SaveFailed(RuntimeError):
+  """A checkpoint could not be written (read-only workdir, full disk): the run must end.
+
+  Orbax's background threads of a failed async save never finish, so a command that meets this
+  error exits with `os._exit` (`vpt_jax.main`) rather than waiting for them.
+  """
+
+
 def _state_tree(state: steps.TrainState) -> Dict[str, Any]:
   return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
           "rng": state.rng}
@@ -48,6 +56,7 @@ class Checkpointer:
   def __init__(self, workdir: str, fingerprint: Dict[str, Any], keep: int = 3):
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.fingerprint = fingerprint
+    self.failed: Optional[BaseException] = None  # the error of a failed save
     self.last = ocp.CheckpointManager(
         os.path.join(root, "last"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -60,12 +69,28 @@ class Checkpointer:
     return ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
                               meta=ocp.args.JsonSave({"fingerprint": self.fingerprint}))
 
+  def _fail(self, e: BaseException) -> SaveFailed:
+    self.failed = e
+    last = self.last.latest_step() if not isinstance(e, SaveFailed) else None
+    where = os.path.dirname(str(self.last.directory))
+    return SaveFailed(
+        f"cannot write a checkpoint in {where} "
+        f"({type(e).__name__}: {e}); stopping. "
+        + (f"The last complete checkpoint (step {last}) is intact in {where}/last. "
+           if last is not None else "No complete checkpoint was written. ")
+        + "Free disk space or make the workdir writable, then rerun the same command to resume.")
+
   def save(self, state: steps.TrainState, val_top1: Optional[float] = None) -> None:
     step = int(state.step)
-    self.last.save(step, args=self._args(state), force=True)
-    if val_top1 is not None:
-      self.best.save(step, args=self._args(state), metrics={"val_top1": float(val_top1)},
-                     force=True)
+    try:
+      self.last.save(step, args=self._args(state), force=True)
+      if val_top1 is not None:
+        self.best.save(step, args=self._args(state), metrics={"val_top1": float(val_top1)},
+                       force=True)
+      self.last.check_for_errors()
+      self.best.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except; any failure of a save ends the run.
+      raise self._fail(e) from e
 
   def latest_step(self) -> Optional[int]:
     return self.last.latest_step()
@@ -92,10 +117,15 @@ class Checkpointer:
     return steps.TrainState(**restored)
 
   def wait(self) -> None:
-    self.last.wait_until_finished()
-    self.best.wait_until_finished()
+    try:
+      self.last.wait_until_finished()
+      self.best.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._fail(e) from e
 
   def close(self) -> None:
+    if self.failed is not None:
+      return  # closing waits on the failed save's threads, which never finish
     self.last.close()
     self.best.close()
 

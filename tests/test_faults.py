@@ -1,0 +1,76 @@
+"""Faults a long campaign meets (issue 14): each is reproduced and the fixed behaviour asserted.
+
+Processes that must die or could hang run as subprocesses, always under a timeout.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from conftest import ROOT
+from vpt_jax.tuning import loop
+from vpt_jax.tuning import workdir as workdir_lib
+
+FAST = ("model.checkpoint=tiny-random,optim.epochs=2,optim.warmup_epochs=0,eval_every_epochs=1,"
+        "log_every_steps=6")
+TIMEOUT_S = 180
+
+
+def cfg(extra=""):
+  return demo.get_config(",".join(x for x in ("vpt-deep", FAST, extra) if x))
+
+
+def run_cli(workdir, arg, *, wrapper=None, timeout=TIMEOUT_S):
+  """`python -m vpt_jax.main` (or `wrapper`, a script that runs it) -> CompletedProcess; a run
+  that outlives `timeout` is killed and reported as a hang."""
+  entry = [wrapper] if wrapper else ["-m", "vpt_jax.main"]
+  cmd = [sys.executable, *entry, f"--config=configs/demo.py:{arg}", f"--workdir={workdir}"]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  try:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"{' '.join(cmd)} hung for {timeout} s")
+
+
+# A workdir whose checkpoint directories turn read-only once the first checkpoint is complete
+# (tests run as root, where chmod does not stop writes, so the refusal is injected at os.mkdir,
+# where orbax's background save creates each step's directory).
+READ_ONLY_AFTER_FIRST = textwrap.dedent('''
+    import errno, os, runpy, sys
+    wd = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+    root = os.path.join(os.path.abspath(wd), "checkpoints")
+    last = os.path.join(root, "last")
+    _mkdir = os.mkdir
+    def mkdir(path, *a, **k):
+      p = os.path.abspath(os.fspath(path))
+      if p.startswith(root + os.sep) and os.path.isdir(last) and any(
+          s.isdigit() for s in os.listdir(last)):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
+      return _mkdir(path, *a, **k)
+    os.mkdir = mkdir
+    sys.argv = ["vpt_jax.main"] + sys.argv[1:]
+    runpy.run_module("vpt_jax.main", run_name="__main__")
+''')
+
+
+def test_a_failed_checkpoint_save_ends_the_run_naming_the_workdir(tmp_path):
+  wrapper = tmp_path / "read_only.py"
+  wrapper.write_text(READ_ONLY_AFTER_FIRST)
+  wd = str(tmp_path / "run")
+  r = run_cli(wd, f"vpt-deep,{FAST}", wrapper=str(wrapper), timeout=120)
+  assert r.returncode != 0
+  last_line = r.stderr.strip().splitlines()[-1]
+  assert "cannot write a checkpoint in" in last_line and wd in last_line, last_line
+  assert "Permission denied" in last_line and "step 12" in last_line, last_line
+  # The last complete checkpoint is intact and loads.
+  model, variables = workdir_lib.load_tuned(wd, which="last")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+  assert not os.path.exists(os.path.join(wd, "results.json"))
