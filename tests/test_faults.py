@@ -10,12 +10,13 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import demo
 from conftest import ROOT
-from vpt_jax.tuning import loop
+from vpt_jax.tuning import loop, steps
 from vpt_jax.tuning import workdir as workdir_lib
 
 FAST = ("model.checkpoint=tiny-random,optim.epochs=2,optim.warmup_epochs=0,eval_every_epochs=1,"
@@ -74,3 +75,35 @@ def test_a_failed_checkpoint_save_ends_the_run_naming_the_workdir(tmp_path):
   model, variables = workdir_lib.load_tuned(wd, which="last")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
   assert not os.path.exists(os.path.join(wd, "results.json"))
+
+
+def _saved_steps(workdir, which="last"):
+  d = os.path.join(workdir, "checkpoints", which)
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def test_nan_stop_never_saves_a_non_finite_state(tmp_path, monkeypatch):
+  # The update of step 3 turns the prompts into NaN while its loss (computed before the update)
+  # and grad norm stay finite: the old check saved that state and named it the last good one.
+  real = steps.make_train_step
+
+  def poisoned(model, tx, schedule):
+    step_fn = real(model, tx, schedule)
+
+    def wrapped(state, frozen, batch):
+      new, metrics = step_fn(state, frozen, batch)
+      bad = new.step >= 3
+      return new.replace(trainable=jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x),
+                                                new.trainable)), metrics
+    return wrapped
+
+  monkeypatch.setattr(steps, "make_train_step", poisoned)
+  wd = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError) as e:
+    loop.train_and_evaluate(cfg("checkpoint_every_steps=1"), wd)
+  msg = str(e.value)
+  assert "at step 3" in msg and "not finite" in msg and "lower optim.lr" in msg, msg
+  assert _saved_steps(wd) == [1, 2]
+  assert f"last finite checkpoint (step 2) is in {wd}/checkpoints/last" in msg, msg
+  tuned = workdir_lib.load_tuned(wd, which="last")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tuned.variables))
