@@ -5,6 +5,7 @@ Processes that must die or could hang run as subprocesses, always under a timeou
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -107,3 +108,49 @@ def test_nan_stop_never_saves_a_non_finite_state(tmp_path, monkeypatch):
   assert f"last finite checkpoint (step 2) is in {wd}/checkpoints/last" in msg, msg
   tuned = workdir_lib.load_tuned(wd, which="last")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tuned.variables))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run: (workdir, results, final trainable leaves)."""
+  wd = str(tmp_path_factory.mktemp("reference") / "run")
+  results = loop.train_and_evaluate(cfg(), wd)
+  return wd, results, _final_leaves(wd)
+
+
+def _final_leaves(wd):
+  tuned = workdir_lib.load_tuned(wd, which="last")
+  return [np.asarray(x) for x in jax.tree.leaves(tuned.split()[0])]
+
+
+def _comparable(results):
+  return {k: v for k, v in results.items() if k != "wall_time_s"}
+
+
+def _metric_keys(wd):
+  keys = [(r["step"], k) for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))
+          for k in r if k != "step"]
+  return keys
+
+
+def test_resume_from_any_consistent_subset_keeps_every_result(tmp_path, reference):
+  ref_wd, ref_results, ref_leaves = reference
+  assert ref_results["best_val_top1"] is not None
+  best_step = _saved_steps(ref_wd, "best")[0]
+  for case in ("results lost", "last lacks best's step"):
+    wd = str(tmp_path / case.replace(" ", "_"))
+    shutil.copytree(ref_wd, wd)
+    os.remove(os.path.join(wd, "results.json"))
+    if case == "last lacks best's step":
+      for step in _saved_steps(wd):
+        if step >= best_step:
+          shutil.rmtree(os.path.join(wd, "checkpoints", "last", str(step)))
+    results = loop.train_and_evaluate(cfg(), wd)
+    assert _comparable(results) == _comparable(ref_results), case
+    with open(os.path.join(wd, "results.json")) as f:
+      assert json.load(f)["best_val_top1"] == ref_results["best_val_top1"], case
+    for a, b in zip(_final_leaves(wd), ref_leaves):
+      np.testing.assert_array_equal(a, b)
+    keys = _metric_keys(wd)
+    assert len(keys) == len(set(keys)), f"{case}: metrics.jsonl repeats steps"
+    assert sorted(keys) == sorted(_metric_keys(ref_wd)), case

@@ -83,8 +83,11 @@ class Checkpointer:
   def save(self, state: steps.TrainState, val_top1: Optional[float] = None) -> None:
     step = int(state.step)
     try:
-      self.last.save(step, args=self._args(state), force=True)
-      if val_top1 is not None:
+      # A killed run may have completed this step in one manager and not the other; its state
+      # is the one this run recomputed (the run is deterministic), so it is kept, not rewritten.
+      if step not in self.last.all_steps():
+        self.last.save(step, args=self._args(state), force=True)
+      if val_top1 is not None and step not in self.best.all_steps():
         self.best.save(step, args=self._args(state), metrics={"val_top1": float(val_top1)},
                        force=True)
       self.last.check_for_errors()
@@ -94,6 +97,12 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self.last.latest_step()
+
+  def best_val_top1(self) -> Optional[float]:
+    """The validation top-1 of the best checkpoint (a resumed run's best so far), if any."""
+    step = self.best.best_step()
+    metrics = self.best.metrics(step) if step is not None else None
+    return None if not metrics or metrics.get("val_top1") is None else float(metrics["val_top1"])
 
   def restore(self, abstract_state: steps.TrainState, *, which: str = "last",
               step: Optional[int] = None) -> Optional[steps.TrainState]:
