@@ -154,3 +154,43 @@ def test_resume_from_any_consistent_subset_keeps_every_result(tmp_path, referenc
     keys = _metric_keys(wd)
     assert len(keys) == len(set(keys)), f"{case}: metrics.jsonl repeats steps"
     assert sorted(keys) == sorted(_metric_keys(ref_wd)), case
+
+
+HOLD_LOCK = textwrap.dedent('''
+    import sys, time
+    from vpt_jax.tuning import workdir
+    workdir.WorkdirLock(sys.argv[1])
+    print("locked", flush=True)
+    time.sleep(120)
+''')
+
+
+def test_a_second_run_on_a_workdir_is_refused_naming_the_holder(tmp_path):
+  wd = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, wd], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lib.WorkdirBusy, match=f"in use by .*\"pid\": {holder.pid}"):
+      loop.train_and_evaluate(cfg(), wd)
+    assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
+  finally:
+    holder.kill()  # SIGKILL: its lock file stays behind, stale
+    holder.wait(timeout=30)
+  assert str(holder.pid) in open(os.path.join(wd, workdir_lib.LOCK_FILE)).read()
+  results = loop.train_and_evaluate(cfg("optim.epochs=1"), wd)  # the stale lock does not block
+  assert results["steps"] == 12
+  workdir_lib.WorkdirLock(wd).release()  # released on exit
+
+
+def test_resume_with_other_optimizer_settings_is_refused_unless_allowed(tmp_path, reference):
+  ref_wd, ref_results, _ = reference
+  wd = str(tmp_path / "run")
+  shutil.copytree(ref_wd, wd)
+  shutil.rmtree(os.path.join(wd, "checkpoints", "last", str(_saved_steps(wd)[-1])))
+  with pytest.raises(workdir_lib.FingerprintMismatch,
+                     match=r"optim.lr: 0.5 in the checkpoint, 0.25 now(.|\n)*resume_with_changes"):
+    loop.train_and_evaluate(cfg("optim.lr=0.25"), wd)
+  results = loop.train_and_evaluate(cfg("optim.lr=0.25,optim.resume_with_changes=True"), wd)
+  assert results["steps"] == ref_results["steps"]

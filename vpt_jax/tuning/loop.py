@@ -100,7 +100,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tx, schedule = optim.make_optimizer(config.optim, spe)
   state = jax.device_put(
       steps.create_train_state(trainable, tx, jax.random.PRNGKey(config.seed)), replicated)
-  ckpt = workdir_lib.Checkpointer(workdir, built.fingerprint(), keep=config.keep_checkpoints)
+  ckpt = workdir_lib.Checkpointer(workdir, built.fingerprint(), keep=config.keep_checkpoints,
+                                 optim=config.optim.to_dict())
   restored = ckpt.restore(state)
   if restored is not None:
     state = jax.device_put(restored, replicated)
@@ -267,6 +268,16 @@ def _write_results(run: Run, results: Dict[str, Any]) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains what the config's rule selects, evaluates, checkpoints; returns the results dict."""
   t_start = time.time()
+  lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    return _train_and_evaluate(config, workdir, t_start)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        t_start: float) -> Dict[str, Any]:
   run = prepare(config, workdir)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
