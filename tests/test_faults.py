@@ -3,12 +3,16 @@
 Processes that must die or could hang run as subprocesses, always under a timeout.
 """
 
+import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,7 @@ from configs import demo
 from conftest import ROOT
 from vpt_jax.tuning import loop, steps
 from vpt_jax.tuning import workdir as workdir_lib
+from vpt_jax.weights import download
 
 FAST = ("model.checkpoint=tiny-random,optim.epochs=2,optim.warmup_epochs=0,eval_every_epochs=1,"
         "log_every_steps=6")
@@ -194,3 +199,86 @@ def test_resume_with_other_optimizer_settings_is_refused_unless_allowed(tmp_path
     loop.train_and_evaluate(cfg("optim.lr=0.25"), wd)
   results = loop.train_and_evaluate(cfg("optim.lr=0.25,optim.resume_with_changes=True"), wd)
   assert results["steps"] == ref_results["steps"]
+
+
+# --- Downloads: a local server that misbehaves ------------------------------------------------
+
+PAYLOAD = bytes(range(256)) * 64  # 16 KiB
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  mode = "ok"
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(PAYLOAD)))
+    self.end_headers()
+    if self.mode == "truncate":
+      self.wfile.write(PAYLOAD[:len(PAYLOAD) // 2])
+      self.wfile.flush()
+      self.close_connection = True
+    elif self.mode == "stall":
+      self.wfile.write(PAYLOAD[:100])
+      self.wfile.flush()
+      time.sleep(8)
+    else:
+      self.wfile.write(PAYLOAD)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def server():
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+  httpd.daemon_threads = True
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  yield httpd
+  httpd.shutdown()
+
+
+def _url(httpd, name):
+  return f"http://127.0.0.1:{httpd.server_address[1]}/{name}"
+
+
+def test_a_truncated_download_is_never_cached(tmp_path, server, monkeypatch):
+  monkeypatch.setattr(_Handler, "mode", "truncate")
+  cache = str(tmp_path / "cache")
+  with pytest.raises(download.CheckpointError, match="8192 of the 16384 bytes"):
+    download.download(_url(server, "w.npz"), cache)
+  assert os.listdir(cache) == []
+  monkeypatch.setattr(_Handler, "mode", "ok")
+  path = download.download(_url(server, "w.npz"), cache)
+  assert open(path, "rb").read() == PAYLOAD
+
+
+def test_a_stalled_download_times_out(tmp_path, server, monkeypatch):
+  monkeypatch.setattr(_Handler, "mode", "stall")
+  monkeypatch.setattr(download, "TIMEOUT_S", 1.0)
+  t0 = time.time()
+  with pytest.raises(download.CheckpointError, match="timed out"):
+    download.download(_url(server, "s.npz"), str(tmp_path / "cache"))
+  assert time.time() - t0 < 6
+
+
+def test_sha256_pinning_and_cache_errors(tmp_path, server):
+  good = hashlib.sha256(PAYLOAD).hexdigest()
+  cache = str(tmp_path / "cache")
+  with pytest.raises(download.CheckpointError, match="does not match the expected 0000"):
+    download.resolve(_url(server, "p.npz") + "@sha256:" + "0" * 64, cache)
+  assert os.listdir(cache) == []
+  path, subtree = download.resolve(_url(server, "p.npz") + f"@sha256:{good}:img", cache)
+  assert subtree == "img" and open(path, "rb").read() == PAYLOAD
+  # A stale .partial of a dead process is deleted by the next download.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, timeout=60).stdout.strip()
+  stale = os.path.join(cache, f"x_q.npz.{dead}.partial")
+  open(stale, "wb").close()
+  download.download(_url(server, "q.npz"), cache)
+  assert not os.path.exists(stale)
+  # A cache directory that cannot be written names VPT_JAX_CACHE.
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(download.CheckpointError, match="VPT_JAX_CACHE"):
+    download.download(_url(server, "r.npz"), str(blocker / "cache"))

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   url: str
   about: str
+  # The published file's sha256 where known (verified after download); none of the remote files'
+  # hashes is recorded yet: pin one with 'name@sha256:<hex>' (`vpt_jax.weights.download`).
+  sha256: Optional[str] = None
 
 
 _VIT = "gs://vit_models/imagenet21k"
@@ -97,6 +100,12 @@ ZOO: Dict[str, Entry] = {
 
 def names() -> List[str]:
   return sorted(ZOO)
+
+
+def sha256_for(spec: str) -> Optional[str]:
+  """The recorded sha256 of a zoo name's file (None when unknown or not a zoo name)."""
+  entry = ZOO.get(spec)
+  return entry.sha256 if entry else None
 
 
 def url_for(spec: str) -> str:
