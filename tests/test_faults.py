@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import demo
 from conftest import ROOT
+from vpt_jax.data import folders
 from vpt_jax.tuning import loop, steps
 from vpt_jax.tuning import workdir as workdir_lib
 from vpt_jax.weights import download
@@ -282,3 +284,29 @@ def test_sha256_pinning_and_cache_errors(tmp_path, server):
   blocker.write_text("")
   with pytest.raises(download.CheckpointError, match="VPT_JAX_CACHE"):
     download.download(_url(server, "r.npz"), str(blocker / "cache"))
+
+
+# --- Corrupt images with a valid header -----------------------------------------------------
+
+
+def _jpeg(rng):
+  return tf.io.encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).numpy()
+
+
+def test_corrupt_jpegs_are_named_when_a_folder_is_opened_and_skip_skips_them(tmp_path):
+  rng = np.random.default_rng(0)
+  for cls in ("a", "b"):
+    (tmp_path / cls).mkdir()
+    for i in range(4):
+      (tmp_path / cls / f"{i}.jpg").write_bytes(_jpeg(rng))
+  good = _jpeg(rng)
+  (tmp_path / "a" / "random_body.jpg").write_bytes(good[:4] + rng.bytes(len(good) - 4))
+  (tmp_path / "b" / "truncated.jpg").write_bytes(good[:len(good) // 2])
+  with pytest.raises(ValueError, match=r"a/random_body.jpg: image listed in .* does not decode"):
+    folders.read_class_folders(str(tmp_path), "train", val_fraction=0.0)
+  with pytest.warns(UserWarning, match=r"skipped 2 unreadable.*random_body.jpg.*truncated.jpg"):
+    split = folders.read_class_folders(str(tmp_path), "train", val_fraction=0.0,
+                                       on_bad_image="skip")
+  assert len(split) == 8
+  for image in split.images:  # what remains decodes as the pipeline decodes it
+    tf.io.decode_image(image, channels=3, expand_animations=False)
