@@ -310,3 +310,50 @@ def test_corrupt_jpegs_are_named_when_a_folder_is_opened_and_skip_skips_them(tmp
   assert len(split) == 8
   for image in split.images:  # what remains decodes as the pipeline decodes it
     tf.io.decode_image(image, channels=3, expand_animations=False)
+
+
+# --- The fault-injection run ------------------------------------------------------------------
+
+KILLS = int(os.environ.get("VPT_JAX_FAULT_KILLS", 20))
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
+  """SIGKILL at KILLS seeded-random moments over an uninterrupted run's duration (startup, steps,
+  the saves of last/ and best/), resuming each time: the end state and results.json match the
+  uninterrupted run's bit for bit (apart from wall time)."""
+  arg = f"vpt-deep,{FAST}"
+  zygote = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_zygote.py")],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 60 * 10
+
+  def run(wd, delay):
+    zygote.stdin.write(f"RUN {wd} {arg} {delay}\n")
+    zygote.stdin.flush()
+    line = zygote.stdout.readline().split()
+    assert line and time.time() < deadline, "the fault-injection run hung"
+    return line[0], float(line[-1]), line
+
+  try:
+    ref, wd = str(tmp_path / "reference"), str(tmp_path / "killed")
+    status, duration, line = run(ref, -1)
+    assert line[:2] == ["exit", "0"], line
+    rng = np.random.default_rng(14)
+    kills = 0
+    for delay in rng.uniform(0.0, duration, KILLS):
+      status, _, line = run(wd, f"{delay:.3f}")
+      kills += status == "killed"
+      assert status == "killed" or line[:2] == ["exit", "0"], line
+    status, _, line = run(wd, -1)
+    assert line[:2] == ["exit", "0"], line
+  finally:
+    zygote.stdin.close()
+    zygote.kill()
+    zygote.wait(timeout=30)
+  assert kills >= KILLS // 2  # most moments fell inside a run
+  for a, b in zip(_final_leaves(wd), _final_leaves(ref)):
+    np.testing.assert_array_equal(a, b)
+  results = [_comparable(json.load(open(os.path.join(d, "results.json")))) for d in (wd, ref)]
+  assert results[0] == results[1]
+  keys = _metric_keys(wd)
+  assert len(keys) == len(set(keys)) and sorted(keys) == sorted(_metric_keys(ref))
