@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import vpt_jax
 from configs import demo
 from conftest import ROOT
+from vpt_jax import serving
 from vpt_jax.data import folders
 from vpt_jax.tuning import loop, steps
 from vpt_jax.tuning import workdir as workdir_lib
@@ -357,3 +359,19 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
   assert results[0] == results[1]
   keys = _metric_keys(wd)
   assert len(keys) == len(set(keys)) and sorted(keys) == sorted(_metric_keys(ref))
+
+
+# --- Clear errors -------------------------------------------------------------------------------
+
+
+def test_multitask_server_refuses_out_of_range_task_ids():
+  base, variables = vpt_jax.load_pretrained("tiny-random")
+  tasks = [serving.task_from_model(f"t{i}", base.clone(num_classes=10), variables)
+           for i in range(2)]
+  server = serving.MultiTaskServer.from_tasks(base, variables["params"], tasks)
+  images = jnp.zeros((2, 32, 32, 3), jnp.float32)
+  assert np.isfinite(np.asarray(server(images, [0, 1]))).all()
+  for ids in ([0, 2], [-1, 0]):
+    with pytest.raises(ValueError, match=rf"task id\(s\) \[{max(ids) if max(ids) > 1 else -1}\] "
+                                         r"out of range: this server has 2 tasks"):
+      server(images, ids)
