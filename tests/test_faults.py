@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from vpt_jax import serving
 from vpt_jax.data import folders
 from vpt_jax.tuning import loop, steps
 from vpt_jax.tuning import workdir as workdir_lib
-from vpt_jax.weights import download
+from vpt_jax.weights import download, zoo
 
 FAST = ("model.checkpoint=tiny-random,optim.epochs=2,optim.warmup_epochs=0,eval_every_epochs=1,"
         "log_every_steps=6")
@@ -375,3 +376,25 @@ def test_multitask_server_refuses_out_of_range_task_ids():
     with pytest.raises(ValueError, match=rf"task id\(s\) \[{max(ids) if max(ids) > 1 else -1}\] "
                                          r"out of range: this server has 2 tasks"):
       server(images, ids)
+
+
+def _tiny_arrays():
+  with np.load(zoo.url_for("tiny-random")) as f:
+    return {k: f[k] for k in f.files}
+
+
+def test_non_finite_backbone_weights_are_refused_naming_the_key(write_npz):
+  arrays = _tiny_arrays()
+  key = next(k for k in arrays if re.search(r"MlpBlock_\d/Dense_1/kernel$", k))
+  arrays[key] = arrays[key].copy()
+  arrays[key][3, 5] = np.nan
+  with pytest.raises(vpt_jax.CheckpointError, match=rf"key '{key}' holds 1 NaN/Inf value"):
+    vpt_jax.load_pretrained(write_npz(arrays))
+
+
+def test_a_wrong_shape_mlp_kernel_is_blamed_not_its_intact_bias(write_npz):
+  arrays = _tiny_arrays()
+  key = next(k for k in arrays if re.search(r"encoderblock_0/MlpBlock_\d/Dense_0/kernel$", k))
+  arrays[key] = np.zeros((arrays[key].shape[0], arrays[key].shape[1] + 3), np.float32)
+  with pytest.raises(vpt_jax.CheckpointError, match=rf"key '{key}' has shape"):
+    vpt_jax.load_pretrained(write_npz(arrays))
