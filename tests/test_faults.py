@@ -25,7 +25,7 @@ import vpt_jax
 from configs import demo
 from conftest import ROOT
 from vpt_jax import serving
-from vpt_jax.data import folders
+from vpt_jax.data import folders, sources
 from vpt_jax.tuning import loop, steps
 from vpt_jax.tuning import workdir as workdir_lib
 from vpt_jax.weights import download, zoo
@@ -398,3 +398,38 @@ def test_a_wrong_shape_mlp_kernel_is_blamed_not_its_intact_bias(write_npz):
   arrays[key] = np.zeros((arrays[key].shape[0], arrays[key].shape[1] + 3), np.float32)
   with pytest.raises(vpt_jax.CheckpointError, match=rf"key '{key}' has shape"):
     vpt_jax.load_pretrained(write_npz(arrays))
+
+
+def test_one_line_messages_name_what_is_wrong(tmp_path):
+  text = tmp_path / "weights.npz"
+  text.write_text("<html>404 not found</html>")
+  with pytest.raises(vpt_jax.CheckpointError, match="not a readable .npz archive .starts") as e:
+    vpt_jax.load_pretrained(str(text))
+  assert "allow_pickle" not in str(e.value)
+  # A zoo name with a sub-tree resolves the zoo file (and then names the missing sub-tree).
+  with pytest.raises(vpt_jax.CheckpointError, match=r"demo_vit.npz: no sub-tree 'img'"):
+    vpt_jax.load_pretrained("demo-vit:img")
+  c = cfg("data.source=folder")
+  with pytest.raises(ValueError, match=r"data.root must name the dataset folder"):
+    sources.num_classes(c.data)
+  with pytest.raises(ValueError, match=r"option 'optim.lr' takes a float like 0.5, not 'abc'"):
+    cfg("optim.lr=abc")
+  # An empty class folder is reported, not silently a class without examples.
+  rng = np.random.default_rng(0)
+  for cls in ("a", "b", "empty"):
+    (tmp_path / "imgs" / cls).mkdir(parents=True)
+  for cls in ("a", "b"):
+    (tmp_path / "imgs" / cls / "0.jpg").write_bytes(_jpeg(rng))
+  with pytest.warns(UserWarning, match=r"class folder 'empty' \(label 2\) holds no"):
+    folders.read_class_folders(str(tmp_path / "imgs"), "train", val_fraction=0.0)
+
+
+def test_an_unknown_config_flag_is_one_line_not_a_traceback(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "vpt_jax.main", "--config=configs/demo.py:vpt-deep",
+                      f"--workdir={tmp_path}", "--config.optim.lrr=0.1"], cwd=ROOT,
+                     env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                     timeout=TIMEOUT_S)
+  assert r.returncode == 2
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert ("error: unknown config option 'lrr' (Did you mean \"lr\" instead of \"lrr\"?) "
+          "(flags: --config.optim.lrr") in r.stderr

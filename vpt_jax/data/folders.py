@@ -299,6 +299,10 @@ def read_class_folders(root: str, split: str, *, on_bad_image: str = "fail",
   for label, name in enumerate(names):
     folder = os.path.join(base, name)
     files = _image_files(folder) if os.path.isdir(folder) else []
+    if not files and os.path.isdir(folder):
+      warnings.warn(f"{folder}: class folder {name!r} (label {label}) holds no "
+                    f"{'/'.join(IMAGE_EXTENSIONS)} images; the class gets no examples",
+                    stacklevel=2)
     if fractions is not None:
       files = _cut(files, name, seed, fractions)[part]
     items.extend((os.path.join(folder, f), label, folder) for f in files)

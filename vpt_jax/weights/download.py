@@ -149,6 +149,14 @@ def resolve(spec: str, cache_dir: Optional[str] = None) -> Tuple[str, Optional[s
   -> (local path, subtree)."""
   spec, pin = split_pin(spec)
   sha256 = pin or zoo.sha256_for(spec)
+  name, _, subtree = spec.rpartition(":")
+  if zoo.url_for(spec) == spec and name and subtree and zoo.url_for(name) != name:
+    # 'demo-vit:img': a zoo name with a sub-tree of its own.
+    if split_subtree(zoo.url_for(name))[1]:
+      raise ValueError(f"checkpoint {spec!r}: zoo name {name!r} already selects the sub-tree "
+                       f"{split_subtree(zoo.url_for(name))[1]!r}; drop ':{subtree}'")
+    sha256 = pin or zoo.sha256_for(name)
+    spec = f"{zoo.url_for(name)}:{subtree}"
   spec = zoo.url_for(spec)
   path, subtree = split_subtree(spec)
   remote = bool(re.match(r"^(gs|https?)://", path))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import re
 import zipfile
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
@@ -94,6 +95,13 @@ class Architecture:
 
 def read_npz(path: str) -> Dict[str, np.ndarray]:
   """All arrays of an .npz file, eagerly, so a damaged archive fails here with its name."""
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # zip (empty zip) signature
+      raise CheckpointError(
+          f"{path}: not a readable .npz archive (starts with {head!r}); the file may be an error "
+          "page saved by a failed download, or another format renamed to .npz")
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
