@@ -321,9 +321,11 @@ KILLS = int(os.environ.get("VPT_JAX_FAULT_KILLS", 20))
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
-  """SIGKILL at KILLS seeded-random moments over an uninterrupted run's duration (startup, steps,
-  the saves of last/ and best/), resuming each time: the end state and results.json match the
-  uninterrupted run's bit for bit (apart from wall time)."""
+  """SIGKILL at KILLS seeded-random moments drawn over an uninterrupted run's duration (startup,
+  steps, the saves of last/ and best/), resuming each time. A chain of kills and resumes goes on
+  until a resumed run completes; its end state and results.json must match the uninterrupted
+  run's bit for bit (apart from wall time); then a new chain starts in a fresh workdir until
+  KILLS kills have landed."""
   arg = f"vpt-deep,{FAST}"
   zygote = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_zygote.py")],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
@@ -335,31 +337,37 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     zygote.stdin.flush()
     line = zygote.stdout.readline().split()
     assert line and time.time() < deadline, "the fault-injection run hung"
-    return line[0], float(line[-1]), line
+    assert line[0] == "killed" or line[:2] == ["exit", "0"], line
+    return line[0], float(line[-1])
+
+  def check_same(wd, ref):
+    for a, b in zip(_final_leaves(wd), _final_leaves(ref)):
+      np.testing.assert_array_equal(a, b)
+    results = [_comparable(json.load(open(os.path.join(d, "results.json")))) for d in (wd, ref)]
+    assert results[0] == results[1]
+    keys = _metric_keys(wd)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(_metric_keys(ref))
 
   try:
-    ref, wd = str(tmp_path / "reference"), str(tmp_path / "killed")
-    status, duration, line = run(ref, -1)
-    assert line[:2] == ["exit", "0"], line
+    ref = str(tmp_path / "reference")
+    _, duration = run(ref, -1)
     rng = np.random.default_rng(14)
-    kills = 0
-    for delay in rng.uniform(0.0, duration, KILLS):
-      status, _, line = run(wd, f"{delay:.3f}")
-      kills += status == "killed"
-      assert status == "killed" or line[:2] == ["exit", "0"], line
-    status, _, line = run(wd, -1)
-    assert line[:2] == ["exit", "0"], line
+    kills = chains = 0
+    while kills < KILLS:
+      wd = str(tmp_path / f"chain{chains}")
+      chains += 1
+      status = "killed"
+      while status == "killed" and kills < KILLS:
+        status, _ = run(wd, f"{rng.uniform(0.0, duration):.3f}")
+        kills += status == "killed"
+      if status == "killed":
+        run(wd, -1)
+      check_same(wd, ref)
   finally:
     zygote.stdin.close()
     zygote.kill()
     zygote.wait(timeout=30)
-  assert kills >= KILLS // 2  # most moments fell inside a run
-  for a, b in zip(_final_leaves(wd), _final_leaves(ref)):
-    np.testing.assert_array_equal(a, b)
-  results = [_comparable(json.load(open(os.path.join(d, "results.json")))) for d in (wd, ref)]
-  assert results[0] == results[1]
-  keys = _metric_keys(wd)
-  assert len(keys) == len(set(keys)) and sorted(keys) == sorted(_metric_keys(ref))
+  assert kills == KILLS
 
 
 # --- Clear errors -------------------------------------------------------------------------------
