@@ -115,7 +115,7 @@ def test_nan_stop_never_saves_a_non_finite_state(tmp_path, monkeypatch):
   msg = str(e.value)
   assert "at step 3" in msg and "not finite" in msg and "lower optim.lr" in msg, msg
   assert _saved_steps(wd) == [1, 2]
-  assert f"last finite checkpoint (step 2) is in {wd}/checkpoints/last" in msg, msg
+  assert f"last good checkpoint (step 2) is in {wd}/checkpoints/last (checked finite)" in msg
   tuned = workdir_lib.load_tuned(wd, which="last")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tuned.variables))
 

@@ -175,7 +175,8 @@ class _Tally:
     spe, wd = self.run.steps_per_epoch, self.run.workdir
     raise FloatingPointError(
         f"{what} at step {step} (epoch {(step - 1) // spe + 1}); stopping without saving it. "
-        + (f"The last finite checkpoint (step {self.last_good}) is in {wd}/checkpoints/last. "
+        + (f"The last good checkpoint (step {self.last_good}) is in {wd}/checkpoints/last "
+           "(checked finite). "
            if self.last_good is not None else "No finite checkpoint had been saved yet. ")
         + "Rerun in a fresh workdir with a lower optim.lr (or optim.grad_clip > 0), "
           "or check the data for bad values.")

@@ -54,6 +54,7 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str):
+    self._created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
     self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,6 +77,10 @@ class WorkdirLock:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
+      workdir = os.path.dirname(self.path)
+      if self._created and os.listdir(workdir) == [LOCK_FILE]:
+        os.remove(self.path)  # a run refused before any work leaves no workdir behind
+        os.rmdir(workdir)
 
 
 class SaveFailed(RuntimeError):
