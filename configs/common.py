@@ -137,7 +137,12 @@ def apply_arg(config: ml_collections.ConfigDict, tokens) -> None:
       node = node[k]
     if leaf not in node:
       raise ValueError(f"config argument {tok!r}: unknown option {key!r}")
-    node[leaf] = _parse_value(value, node[leaf])
+    try:
+      node[leaf] = _parse_value(value, node[leaf])
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config argument {tok!r}: option {key!r} takes a "
+                       f"{type(node[leaf]).__name__} like {node[leaf]!r}, not {value!r} ({e})"
+                       ) from e
 
 
 def split_arg(arg):

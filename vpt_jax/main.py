@@ -9,12 +9,17 @@ from the repository root (configs are imported as the `configs` package).
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
 from vpt_jax import utils
 from vpt_jax.tuning import loop
+from vpt_jax.tuning import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/vtab.py:cifar100.",
@@ -26,12 +31,38 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a bad --config.* override reported in one line (not a traceback
+  from inside ml_collections) naming the flag."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+          file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    why = " ".join(str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'").split())
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    why = why.strip(chr(39) + chr(34))
+    if isinstance(e, (AttributeError, KeyError)) and (m := re.match(r"^'?(\w+)'?\s*(.*)$", why)):
+      why = f"unknown config option {m.group(1)!r}" + (f" ({m.group(2)})" if m.group(2) else "")
+    print(f"vpt_jax.main: error: {why}"
+          + (f" (flags: {', '.join(overrides)}; every option is in configs/common.py)"
+             if overrides else ""), file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv) -> None:
   utils.command_setup(argv)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except workdir_lib.SaveFailed as e:
+    # A failed orbax save leaves non-daemon threads that never finish: exit without joining them.
+    print(f"vpt_jax.main: error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -266,6 +266,15 @@ class MultiTaskServer:
 
   def __call__(self, images: Array, task_ids: Union[Array, Sequence[int]]) -> Array:
     """(B, C_max) logits; row b is task `task_ids[b]`'s, -inf beyond its class count."""
+    if not isinstance(task_ids, jax.core.Tracer):
+      ids = np.asarray(task_ids)
+      if ids.dtype.kind not in "iu" and ids.size:
+        raise ValueError(f"task_ids of dtype {ids.dtype}: need integer task ids")
+      bad = sorted({int(i) for i in ids.ravel() if not 0 <= i < len(self.names)})
+      if bad:
+        raise ValueError(f"task id(s) {bad} out of range: this server has {len(self.names)} "
+                         f"tasks, ids 0..{len(self.names) - 1} ({self.names}); "
+                         f"use server.task_ids(names)")
     task_ids = jnp.asarray(task_ids, jnp.int32)
     if task_ids.shape != (images.shape[0],):
       raise ValueError(f"task_ids of shape {tuple(task_ids.shape)}: need one id per image "

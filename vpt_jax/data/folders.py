@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vpt_jax.data import decode_check
 from vpt_jax.data.split import Split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -80,6 +81,7 @@ def _read_items(items: Sequence[_Item], what: str, on_bad_image: str) -> Split:
   images: List[bytes] = []
   labels: List[int] = []
   skipped: List[str] = []
+  kept: List[Tuple[str, str]] = []
   for path, label, listed in items:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: image listed in {listed} is missing")
@@ -94,9 +96,23 @@ def _read_items(items: Sequence[_Item], what: str, on_bad_image: str) -> Split:
       continue
     images.append(data)
     labels.append(label)
+    kept.append((path, listed))
+  # A valid signature on a corrupt body: decoded once here, not mid-epoch inside tf.data.
+  bad = [(i, why) for i, why in enumerate(decode_check.decode_errors(images)) if why]
+  if bad and on_bad_image == "fail":
+    (path, listed), why = kept[bad[0][0]], bad[0][1]
+    raise ValueError(f"{path}: image listed in {listed} does not decode ({why})"
+                     + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                     + "; replace it, or pass on_bad_image='skip' to drop unreadable images")
+  if bad:
+    drop = {i for i, _ in bad}
+    skipped.extend(kept[i][0] for i in sorted(drop))
+    images = [im for i, im in enumerate(images) if i not in drop]
+    labels = [lb for i, lb in enumerate(labels) if i not in drop]
   if skipped:
     names = ", ".join(skipped[:_WARN_NAMES]) + (", ..." if len(skipped) > _WARN_NAMES else "")
-    warnings.warn(f"{what}: skipped {len(skipped)} unreadable image(s) (not JPEG/PNG/GIF/BMP): "
+    warnings.warn(f"{what}: skipped {len(skipped)} unreadable image(s) (not a decodable "
+                  f"JPEG/PNG/GIF/BMP): "
                   f"{names}", stacklevel=3)
   if not labels:
     raise ValueError(f"{what} is empty" + (f" (all {len(skipped)} images were unreadable)"
@@ -317,6 +333,10 @@ def read_class_folders(root: str, split: str, *, on_bad_image: str = "fail",
   for label, name in enumerate(names):
     folder = os.path.join(base, name)
     files = _image_files(folder) if os.path.isdir(folder) else []
+    if not files and os.path.isdir(folder):
+      warnings.warn(f"{folder}: class folder {name!r} (label {label}) holds no "
+                    f"{'/'.join(IMAGE_EXTENSIONS)} images; the class gets no examples",
+                    stacklevel=2)
     if fractions is not None:
       files = _cut(files, name, seed, fractions)[part]
     items.extend((os.path.join(folder, f), label, folder) for f in files)

@@ -135,6 +135,9 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
   if cfg.source == "digits":
     return 10
   if cfg.source == "folder":
+    if not cfg.root:
+      raise ValueError("config data.root must name the dataset folder for source 'folder' "
+                       "(--config.data.root=/path/to/images)")
     return len(folders.class_names(cfg.root))
   if cfg.source in ("vtab_folder", "fgvc_json"):
     raise ValueError(f"config data.num_classes must be set for data.source={cfg.source!r}")

@@ -101,7 +101,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tx, schedule = optim.make_optimizer(config.optim, spe)
   state = jax.device_put(
       steps.create_train_state(trainable, tx, jax.random.PRNGKey(config.seed)), replicated)
-  ckpt = workdir_lib.Checkpointer(workdir, built.fingerprint(), keep=config.keep_checkpoints)
+  ckpt = workdir_lib.Checkpointer(workdir, built.fingerprint(), keep=config.keep_checkpoints,
+                                 optim=config.optim.to_dict())
   restored = ckpt.restore(state)
   if restored is not None:
     state = jax.device_put(restored, replicated)
@@ -162,17 +163,32 @@ class _Tally:
 
   def add(self, step: int, metrics) -> None:
     host = jax.device_get(metrics)
-    if not np.isfinite(host["loss"]):
-      self.run.ckpt.wait()
-      spe, wd = self.run.steps_per_epoch, self.run.workdir
-      raise FloatingPointError(
-          f"loss is {host['loss']} at step {step} (epoch {(step - 1) // spe + 1}); stopping. "
-          + (f"The last good checkpoint (step {self.last_good}) is in {wd}/checkpoints/last."
-             if self.last_good is not None else "No checkpoint had been saved yet.")
-          + " Lower optim.lr or check the data.")
+    for k in ("loss", "grad_norm"):
+      if k in host and not np.isfinite(host[k]):
+        self.stop(step, f"{k} is {host[k]}")
     for k, v in host.items():
       self.sums[k] = self.sums.get(k, 0.0) + float(v)
     self.sums["_n"] = self.sums.get("_n", 0.0) + 1
+
+  def stop(self, step: int, what: str) -> None:
+    """Raises FloatingPointError naming the last checkpoint known finite and what to do."""
+    self.run.ckpt.wait()
+    spe, wd = self.run.steps_per_epoch, self.run.workdir
+    raise FloatingPointError(
+        f"{what} at step {step} (epoch {(step - 1) // spe + 1}); stopping without saving it. "
+        + (f"The last good checkpoint (step {self.last_good}) is in {wd}/checkpoints/last "
+           "(checked finite). "
+           if self.last_good is not None else "No finite checkpoint had been saved yet. ")
+        + "Rerun in a fresh workdir with a lower optim.lr (or optim.grad_clip > 0), "
+          "or check the data for bad values.")
+
+  def check_state(self, step: int, trainable: Tree) -> None:
+    """Stops before a save if the update made any trainable leaf non-finite (the loss of a step
+    is computed before its update, so it cannot see this)."""
+    bad = [p for p, x in zip(rules.leaf_paths(trainable), jax.tree.leaves(trainable))
+           if not np.isfinite(np.asarray(jax.device_get(x))).all()]
+    if bad:
+      self.stop(step, f"the updated trainable state is not finite ({', '.join(bad[:3])})")
 
   def means(self) -> Dict[str, float]:
     n = self.sums.pop("_n", 0.0)
@@ -191,7 +207,7 @@ def fit(run: Run, writer: MetricWriter, train_step: Callable,
   batch_sharding = run.shardings[1]
   start = int(run.state.step)
   progress = Progress(total, spe, config.batch_size, start, enabled=jax.process_index() == 0)
-  tally, best_val, pending = _Tally(run), None, None
+  tally, best_val, pending = _Tally(run), run.ckpt.best_val_top1(), None
   batches = steps.prefetch_to_device(run.train_pipe.train_batches(start), batch_sharding)
   for step in range(start, total):
     run.state, metrics = train_step(run.state, run.frozen, next(batches))
@@ -222,6 +238,7 @@ def fit(run: Run, writer: MetricWriter, train_step: Callable,
       run.say(f"step {s}: validation top-1 {val['top1']:.4f} (loss {val['loss']:.4f})")
       progress.restart_clock(s)
     if save_now or val_top1 is not None:
+      tally.check_state(s, run.state.trainable)
       run.ckpt.save(run.state, val_top1)
       tally.last_good = s
   if pending is not None:
@@ -255,6 +272,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if "seg" in config:  # a segmentation run (SETR-PUP heads): `vpt_jax.tuning.seg_loop`
     return seg_loop.train_and_evaluate(config, workdir)
   t_start = time.time()
+  lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    return _train_and_evaluate(config, workdir, t_start)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        t_start: float) -> Dict[str, Any]:
   run = prepare(config, workdir)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:

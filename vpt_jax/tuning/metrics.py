@@ -6,7 +6,27 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Set, Tuple
+
+
+def _recorded(path: str) -> Set[Tuple[int, str]]:
+  """(step, name) pairs already in a metrics.jsonl; drops a last line cut short by a kill."""
+  if not os.path.exists(path):
+    return set()
+  with open(path, "rb") as f:
+    data = f.read()
+  if data and not data.endswith(b"\n"):
+    with open(path, "r+b") as f:
+      f.truncate(data.rfind(b"\n") + 1)
+    data = data[:data.rfind(b"\n") + 1]
+  seen = set()
+  for line in data.decode().splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    seen.update((int(record["step"]), k) for k in record if k != "step")
+  return seen
 
 
 class MetricWriter:
@@ -20,7 +40,9 @@ class MetricWriter:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      self._seen = _recorded(path)
+      self._jsonl = open(path, "a")
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
@@ -28,6 +50,12 @@ class MetricWriter:
   def write(self, step: int, metrics: Dict[str, float]) -> None:
     if not self.enabled:
       return
+    # A resumed run recomputes the steps after its checkpoint: what a killed run already
+    # recorded is not written twice (to the JSONL file or TensorBoard).
+    metrics = {k: v for k, v in metrics.items() if (int(step), k) not in self._seen}
+    if not metrics:
+      return
+    self._seen.update((int(step), k) for k in metrics)
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()

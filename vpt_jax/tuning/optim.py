@@ -23,10 +23,12 @@ def default_optim_config() -> ml_collections.ConfigDict:
     head bias).
   warmup_epochs, epochs: linear warmup from 0, then cosine decay to 0, per step.
   grad_clip: clip the trainable gradients to this global norm (0 = off).
+  resume_with_changes: resume a checkpoint made with other optim settings (refused otherwise).
   """
   return ml_collections.ConfigDict(dict(
       name="sgd", lr=0.1, momentum=0.9, wd=1e-4, wd_exclude=("params/head/bias",),
-      warmup_epochs=10, epochs=100, grad_clip=0.0, b1=0.9, b2=0.999, eps=1e-8))
+      warmup_epochs=10, epochs=100, grad_clip=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      resume_with_changes=False))
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:

@@ -17,8 +17,11 @@ with the list of what differs. A prompt checkpoint plus the public backbone is a
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import socket
+import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import jax
@@ -32,10 +35,61 @@ from vpt_jax.models import heads
 from vpt_jax.tuning import build, optim, pruning, rules, steps
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = "lock"
 
 
 class FingerprintMismatch(ValueError):
   """A checkpoint was made on another backbone or model than the one it is restored onto."""
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir, so two runs never interleave their saves and metrics.
+
+  A `flock` on workdir/lock: the kernel releases it when the holder exits or is killed, so a stale
+  lock file of a dead process never blocks a later run. The file names the holder (pid, host,
+  start time) for the refusal message. Local and NFSv4 filesystems only (no-op elsewhere).
+  """
+
+  def __init__(self, workdir: str):
+    self._created = not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "another process"
+      os.close(self._fd)
+      self._fd = None
+      raise WorkdirBusy(f"workdir {workdir} is in use by {holder} (lock {self.path}): wait for "
+                        f"that run to end, or use another --workdir") from e
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                             time.gmtime())}).encode(), 0)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+      workdir = os.path.dirname(self.path)
+      if self._created and os.listdir(workdir) == [LOCK_FILE]:
+        os.remove(self.path)  # a run refused before any work leaves no workdir behind
+        os.rmdir(workdir)
+
+
+class SaveFailed(RuntimeError):
+  """A checkpoint could not be written (read-only workdir, full disk): the run must end.
+
+  Orbax's background threads of a failed async save never finish, so a command that meets this
+  error exits with `os._exit` (`vpt_jax.main`) rather than waiting for them.
+  """
 
 
 def _state_tree(state: steps.TrainState) -> Dict[str, Any]:
@@ -49,9 +103,13 @@ def _state_tree(state: steps.TrainState) -> Dict[str, Any]:
 class Checkpointer:
   """The 'last' and 'best' orbax managers of a workdir, checked against a fingerprint."""
 
-  def __init__(self, workdir: str, fingerprint: Dict[str, Any], keep: int = 3):
+  def __init__(self, workdir: str, fingerprint: Dict[str, Any], keep: int = 3,
+               optim: Optional[Dict[str, Any]] = None):
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.fingerprint = fingerprint
+    # The optimizer settings a resume must match (None: not checked, e.g. `load_tuned`).
+    self.optim = None if optim is None else json.loads(json.dumps(optim))
+    self.failed: Optional[BaseException] = None  # the error of a failed save
     self.last = ocp.CheckpointManager(
         os.path.join(root, "last"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -62,17 +120,43 @@ class Checkpointer:
 
   def _args(self, state: steps.TrainState):
     return ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
-                              meta=ocp.args.JsonSave({"fingerprint": self.fingerprint}))
+                              meta=ocp.args.JsonSave({"fingerprint": self.fingerprint,
+                                                      "optim": self.optim}))
+
+  def _fail(self, e: BaseException) -> SaveFailed:
+    self.failed = e
+    last = self.last.latest_step() if not isinstance(e, SaveFailed) else None
+    where = os.path.dirname(str(self.last.directory))
+    return SaveFailed(
+        f"cannot write a checkpoint in {where} "
+        f"({type(e).__name__}: {e}); stopping. "
+        + (f"The last complete checkpoint (step {last}) is intact in {where}/last. "
+           if last is not None else "No complete checkpoint was written. ")
+        + "Free disk space or make the workdir writable, then rerun the same command to resume.")
 
   def save(self, state: steps.TrainState, val_top1: Optional[float] = None) -> None:
     step = int(state.step)
-    self.last.save(step, args=self._args(state), force=True)
-    if val_top1 is not None:
-      self.best.save(step, args=self._args(state), metrics={"val_top1": float(val_top1)},
-                     force=True)
+    try:
+      # A killed run may have completed this step in one manager and not the other; its state
+      # is the one this run recomputed (the run is deterministic), so it is kept, not rewritten.
+      if step not in self.last.all_steps():
+        self.last.save(step, args=self._args(state), force=True)
+      if val_top1 is not None and step not in self.best.all_steps():
+        self.best.save(step, args=self._args(state), metrics={"val_top1": float(val_top1)},
+                       force=True)
+      self.last.check_for_errors()
+      self.best.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except; any failure of a save ends the run.
+      raise self._fail(e) from e
 
   def latest_step(self) -> Optional[int]:
     return self.last.latest_step()
+
+  def best_val_top1(self) -> Optional[float]:
+    """The validation top-1 of the best checkpoint (a resumed run's best so far), if any."""
+    step = self.best.best_step()
+    metrics = self.best.metrics(step) if step is not None else None
+    return None if not metrics or metrics.get("val_top1") is None else float(metrics["val_top1"])
 
   def restore(self, abstract_state: steps.TrainState, *, which: str = "last",
               step: Optional[int] = None) -> Optional[steps.TrainState]:
@@ -84,6 +168,7 @@ class Checkpointer:
       return None
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     check_fingerprint(meta["fingerprint"], self.fingerprint, where=f"{mngr.directory}/{step}")
+    check_optim(meta.get("optim"), self.optim, where=f"{mngr.directory}/{step}")
     # Restore onto the shardings of the abstract state (or replicated over this process's devices),
     # never onto the saved ones: a run may resume on another number of devices.
     replicated, _ = steps.mesh_shardings()
@@ -96,10 +181,15 @@ class Checkpointer:
     return type(abstract_state)(**restored)
 
   def wait(self) -> None:
-    self.last.wait_until_finished()
-    self.best.wait_until_finished()
+    try:
+      self.last.wait_until_finished()
+      self.best.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._fail(e) from e
 
   def close(self) -> None:
+    if self.failed is not None:
+      return  # closing waits on the failed save's threads, which never finish
     self.last.close()
     self.best.close()
 
@@ -115,6 +205,22 @@ def check_fingerprint(saved: Dict[str, Any], current: Dict[str, Any], *, where: 
         f"onto this one:\n  " + "\n  ".join(diff[:10])
         + ("\n  ..." if len(diff) > 10 else "")
         + "\nUse a fresh workdir, or the backbone and model options the checkpoint was made with.")
+
+
+def check_optim(saved: Optional[Dict[str, Any]], current: Optional[Dict[str, Any]], *,
+                where: str) -> None:
+  """Refuses to resume with other optimizer settings (the schedule and momentum would silently
+  change mid-run) unless the current config sets optim.resume_with_changes."""
+  if saved is None or current is None or current.get("resume_with_changes"):
+    return
+  diff = [f"optim.{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+          for k in sorted(set(saved) | set(current))
+          if k != "resume_with_changes" and saved.get(k) != current.get(k)]
+  if diff:
+    raise FingerprintMismatch(
+        f"checkpoint {where} was trained with other optimizer settings:\n  " + "\n  ".join(diff)
+        + "\nResume with the saved settings, use a fresh workdir, or set "
+          "--config.optim.resume_with_changes=True to continue with the new ones.")
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -6,10 +6,11 @@ Shared by every weight reader (`npz`, `torch`), so a name resolves the same way 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
 import sys
-import tempfile
+import time
 import urllib.request
 from typing import Optional, Tuple
 
@@ -34,63 +35,142 @@ def default_cache_dir() -> str:
                         os.path.join(os.path.expanduser("~"), ".cache", "vpt_jax"))
 
 
+# Seconds a connection or any single read may stall before the download fails (a stalled server
+# would otherwise hang the run forever).
+TIMEOUT_S = float(os.environ.get("VPT_JAX_DOWNLOAD_TIMEOUT_S", 60))
+# A '.partial' file older than this, or whose writer is dead, is left over from a killed download.
+_STALE_PARTIAL_S = 24 * 3600
+_PIN = re.compile(r"@sha256[:=]([0-9a-fA-F]{64})")
+
+
 def _report(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def download(url: str, cache_dir: Optional[str] = None) -> str:
+def split_pin(spec: str) -> Tuple[str, Optional[str]]:
+  """'url@sha256:<64 hex>[:subtree]' -> ('url[:subtree]', hex); no pin -> (spec, None)."""
+  m = _PIN.search(spec)
+  if not m:
+    return spec, None
+  return spec[:m.start()] + spec[m.end():], m.group(1).lower()
+
+
+def _clean_stale_partials(cache_dir: str) -> None:
+  """Deletes '.partial' files of downloads whose process died (or that are a day old)."""
+  for name in os.listdir(cache_dir):
+    if not name.endswith(".partial"):
+      continue
+    path = os.path.join(cache_dir, name)
+    pid = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+    alive = False
+    if pid.isdigit():
+      try:
+        os.kill(int(pid), 0)
+        alive = True
+      except ProcessLookupError:
+        alive = False
+      except PermissionError:
+        alive = True
+    try:
+      if not alive or time.time() - os.path.getmtime(path) > _STALE_PARTIAL_S:
+        os.remove(path)
+    except OSError:
+      pass
+
+
+def _fetch(url: str, tmp: str) -> None:
+  """Writes the file at `url` to `tmp`; raises if fewer bytes arrive than announced."""
+  if url.startswith("gs://"):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top; only GCS needs it.
+    tf.io.gfile.copy(url, tmp, overwrite=True)
+    return
+  with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as out:
+    total = int(response.headers.get("Content-Length") or 0)
+    done, shown = 0, -1
+    while True:
+      try:
+        chunk = response.read(1 << 20)
+      except http.client.IncompleteRead as e:
+        out.write(e.partial)
+        done += len(e.partial)
+        break
+      if not chunk:
+        break
+      out.write(chunk)
+      done += len(chunk)
+      pct = int(100 * done / total) if total else -1
+      if pct >= 0 and pct // 10 != shown:
+        shown = pct // 10
+        _report(f"vpt_jax:   {done >> 20} / {total >> 20} MiB ({pct}%)")
+    if total and done != total:
+      raise IOError(f"the server sent {done} of the {total} bytes it announced (connection "
+                    f"closed early)")
+
+
+def download(url: str, cache_dir: Optional[str] = None, sha256: Optional[str] = None) -> str:
   """Fetches a gs:// or http(s):// file once into the cache directory and returns the local path.
 
-  Written to a temporary name and renamed at the end, so an interrupted download never leaves a
-  truncated file that looks complete.
+  Written to '<name>.<pid>.partial' and renamed only once complete: the byte count must match the
+  Content-Length and the sha256 (when known) must match, so an interrupted or corrupted download
+  never leaves a file that looks complete. A stalled server fails after TIMEOUT_S.
   """
   cache_dir = cache_dir or default_cache_dir()
-  os.makedirs(cache_dir, exist_ok=True)
   digest = hashlib.sha256(url.encode()).hexdigest()[:12]
   dest = os.path.join(cache_dir, f"{digest}_{os.path.basename(url.rstrip('/'))}")
   if os.path.exists(dest):
-    return dest
-  fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".partial")
-  os.close(fd)
+    if sha256 is None or file_sha256(dest).startswith(sha256):
+      return dest
+    _report(f"vpt_jax: cached {dest} does not match sha256 {sha256}; downloading it again")
+  tmp = f"{dest}.{os.getpid()}.partial"
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    _clean_stale_partials(cache_dir)
+    open(tmp, "wb").close()
+  except OSError as e:
+    raise CheckpointError(
+        f"the download cache directory {cache_dir} cannot be written ({type(e).__name__}: {e}); "
+        f"set VPT_JAX_CACHE to a writable directory") from e
   _report(f"vpt_jax: downloading {url} -> {dest}")
   try:
-    if url.startswith("gs://"):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top; only GCS needs it.
-      tf.io.gfile.copy(url, tmp, overwrite=True)
-    else:
-      with urllib.request.urlopen(url) as response, open(tmp, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0)
-        done, shown = 0, -1
-        while chunk := response.read(1 << 20):
-          out.write(chunk)
-          done += len(chunk)
-          pct = int(100 * done / total) if total else -1
-          if pct >= 0 and pct // 10 != shown:
-            shown = pct // 10
-            _report(f"vpt_jax:   {done >> 20} / {total >> 20} MiB ({pct}%)")
+    _fetch(url, tmp)
+    if sha256 is not None and not (got := file_sha256(tmp)).startswith(sha256):
+      raise IOError(f"sha256 {got} does not match the expected {sha256}")
     os.replace(tmp, dest)
   except Exception as e:
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise CheckpointError(f"{url}: download failed ({type(e).__name__}: {e})") from e
+    raise CheckpointError(f"{url}: download failed ({type(e).__name__}: {e}); nothing was "
+                          f"cached, retry later") from e
   return dest
 
 
 def resolve(spec: str, cache_dir: Optional[str] = None) -> Tuple[str, Optional[str]]:
-  """Model-zoo name, URL or path (each with an optional ':subtree') -> (local path, subtree)."""
+  """Model-zoo name, URL or path (each with optional '@sha256:<hex>' and ':subtree')
+  -> (local path, subtree)."""
+  spec, pin = split_pin(spec)
+  sha256 = pin or zoo.sha256_for(spec)
+  name, _, subtree = spec.rpartition(":")
+  if zoo.url_for(spec) == spec and name and subtree and zoo.url_for(name) != name:
+    # 'demo-vit:img': a zoo name with a sub-tree of its own.
+    if split_subtree(zoo.url_for(name))[1]:
+      raise ValueError(f"checkpoint {spec!r}: zoo name {name!r} already selects the sub-tree "
+                       f"{split_subtree(zoo.url_for(name))[1]!r}; drop ':{subtree}'")
+    sha256 = pin or zoo.sha256_for(name)
+    spec = f"{zoo.url_for(name)}:{subtree}"
   spec = zoo.url_for(spec)
   path, subtree = split_subtree(spec)
-  if re.match(r"^(gs|https?)://", path):
-    path = download(path, cache_dir)
+  remote = bool(re.match(r"^(gs|https?)://", path))
+  if remote:
+    path = download(path, cache_dir, sha256=sha256)
   elif path.startswith("file://"):
     path = path[len("file://"):]
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"checkpoint {path!r} not found: give a local .npz path, a gs:// or https:// URL, or a "
         f"model-zoo name ({', '.join(zoo.names())})")
+  if sha256 is not None and not remote and not (got := file_sha256(path)).startswith(sha256):
+    raise CheckpointError(f"{path}: sha256 {got} does not match the expected {sha256}")
   return path, subtree
-
-
 
 
 def file_sha256(path: str) -> str:

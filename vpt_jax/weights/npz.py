@@ -20,7 +20,9 @@ Errors are `CheckpointError`s that name the file and the key as it is spelled in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
 import re
 import zipfile
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
@@ -93,6 +95,13 @@ class Architecture:
 
 def read_npz(path: str) -> Dict[str, np.ndarray]:
   """All arrays of an .npz file, eagerly, so a damaged archive fails here with its name."""
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # zip (empty zip) signature
+      raise CheckpointError(
+          f"{path}: not a readable .npz archive (starts with {head!r}); the file may be an error "
+          "page saved by a failed download, or another format renamed to .npz")
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
@@ -244,6 +253,22 @@ def _need(flat: Mapping[str, np.ndarray], key: str, layout: _Layout, ndim: int) 
   return v
 
 
+def _majority(flat: Mapping[str, np.ndarray], sources: Sequence[Tuple[str, int]]) -> int:
+  """The most common size along the given axis of the given keys (ties: the first seen)."""
+  sizes = [int(flat[k].shape[axis]) for k, axis in sources
+           if k in flat and flat[k].ndim > axis]
+  return collections.Counter(sizes).most_common(1)[0][0] if sizes else 0
+
+
+def _check_finite(flat: Mapping[str, np.ndarray], layout: _Layout) -> None:
+  """NaN/Inf weights would load silently and surface as a NaN loss blamed on the lr."""
+  for k, v in flat.items():
+    if v.dtype.kind == "f" and not np.isfinite(v).all():
+      n = int(v.size - np.isfinite(v).sum())
+      raise CheckpointError(f"{layout.where(k)} holds {n} NaN/Inf value(s) of {v.size}: the "
+                            f"checkpoint is damaged; download or export it again")
+
+
 def infer_architecture(flat: Mapping[str, np.ndarray], layout: _Layout) -> Architecture:
   """Reads patch size, width, depth, heads, MLP width, pooling, grid, representation and classes."""
   kernel = _need(flat, "embedding/kernel", layout, 4)
@@ -260,7 +285,16 @@ def infer_architecture(flat: Mapping[str, np.ndarray], layout: _Layout) -> Archi
                           f"(no key under {key!r})")
   q = _need(flat, "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
             layout, 3)
-  mlp = _need(flat, "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel", layout, 2)
+  _need(flat, "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel", layout, 2)
+  # The MLP width and head count by a majority of every block's keys that carry them, so one
+  # damaged array is blamed itself (by `_validate`), not the intact keys around it.
+  blocks = [f"Transformer/encoderblock_{i}" for i in range(depth)]
+  mlp_dim = _majority(flat, [(f"{b}/MlpBlock_0/Dense_0/kernel", 1) for b in blocks]
+                      + [(f"{b}/MlpBlock_0/Dense_0/bias", 0) for b in blocks]
+                      + [(f"{b}/MlpBlock_0/Dense_1/kernel", 0) for b in blocks])
+  num_heads = _majority(flat, [(f"{b}/MultiHeadDotProductAttention_0/{n}/kernel", 1)
+                               for b in blocks for n in ("query", "key", "value")]
+                        + [(f"{b}/MultiHeadDotProductAttention_0/out/kernel", 0) for b in blocks])
 
   class_token = "cls" in flat
   posemb = _need(flat, "pos_embedding", layout, 3)
@@ -289,7 +323,7 @@ def infer_architecture(flat: Mapping[str, np.ndarray], layout: _Layout) -> Archi
   head = flat.get("head/kernel")
   return Architecture(
       patch_size=(int(ph), int(pw)), in_channels=int(in_channels), width=int(width),
-      depth=depth, num_heads=int(q.shape[1]), mlp_dim=int(mlp.shape[1]), grid=(side, side),
+      depth=depth, num_heads=num_heads or int(q.shape[1]), mlp_dim=mlp_dim, grid=(side, side),
       pool_type=pool_type, class_token=class_token, posemb_cls_row=posemb_cls_row,
       representation_size=None if rep is None else int(rep.shape[-1]),
       num_classes=None if head is None else int(head.shape[-1]),
@@ -432,6 +466,7 @@ def load_pretrained(spec: str, *, image_size: Optional[int | Sequence[int]] = No
     flat["head/kernel"] = np.zeros((features, num_classes), np.float32)
     flat["head/bias"] = np.zeros((num_classes,), np.float32)
     overrides["num_classes"] = num_classes
+  _check_finite(flat, layout)
   model = arch.model(**overrides)
   params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
                                          for k, v in flat.items()})

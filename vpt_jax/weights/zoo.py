@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,9 @@ class Entry:
   family: str = "vit"
   sha256_prefix: str = ""
   md5_prefix: str = ""
+  # The published file's sha256 where known (verified after download); none of the remote files'
+  # hashes is recorded yet: pin one with 'name@sha256:<hex>' (`vpt_jax.weights.download`).
+  sha256: Optional[str] = None
 
 
 _VIT = "gs://vit_models/imagenet21k"
@@ -148,6 +151,13 @@ def family_of(spec: str) -> str:
   """A zoo name's backbone family; '' for anything not in the zoo."""
   entry = ZOO.get(spec)
   return entry.family if entry else ""
+
+
+def sha256_for(spec: str) -> Optional[str]:
+  """The recorded sha256 of a zoo name's file, or the prefix of it that its publisher states (a
+  download must start with it); None when unknown or not a zoo name."""
+  entry = ZOO.get(spec)
+  return (entry.sha256 or entry.sha256_prefix or None) if entry else None
 
 
 def url_for(spec: str) -> str:
