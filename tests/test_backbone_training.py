@@ -3,7 +3,8 @@
 The backbones are the tiny random-weight fixtures of tests/data/backbones, in their original
 PyTorch containers (MAE `{'model': ...}` zip, MoCo `{'state_dict': {'module.…'}}`), trained on the
 demo's digits. A random backbone shows the plumbing, not transfer: the check is that validation
-accuracy rises above the zero head's start (every logit equal -> class 0 for every image).
+accuracy rises above the start of a zero head (every logit equal -> class 0 for every image; the
+runs use `model.head_init=zeros` for that reason).
 """
 
 import jax
@@ -21,7 +22,7 @@ from vpt_jax.weights.torch import read_state_dict
 FILES = {"mae": "backbones/mae_vit.pth", "moco": "backbones/mocov3_vit.pth.tar",
          "convnext": "backbones/convnext.pth", "resnet": "backbones/resnet.pth",
          "swin": "swin/swin_toy_patch2_window3_48.pth"}
-FAST = "optim.lr=0.05,optim.epochs=4,optim.warmup_epochs=0,eval_every_epochs=1,log_every_steps=12"
+FAST = "model.head_init=zeros,optim.lr=0.05,optim.epochs=4,optim.warmup_epochs=0,eval_every_epochs=1,log_every_steps=12"
 
 
 def cfg(family, arm="vpt-deep", extra=""):

@@ -113,7 +113,10 @@ def load_pretrained(spec: str, *, family: str = "auto", num_heads: int = 0,
 
 
 def _is_npz(path: str) -> bool:
-  """An .npz archive holds .npy members only; a PyTorch zip holds a pickle and raw storages."""
+  """An .npz archive holds .npy members only; a PyTorch zip holds a pickle and raw storages. A
+  file named .npz is read as one, so a damaged .npz gets the .npz reader's error."""
+  if path.endswith(".npz"):
+    return True
   if not zipfile.is_zipfile(path):
     return False
   with zipfile.ZipFile(path) as z:
