@@ -154,3 +154,23 @@ def test_prompt_length_is_searched_on_val200_like_lr_and_wd(tmp_path, monkeypatc
   finals = [x for x in seen if not x[3]]
   assert [(p, lr) for _, p, lr, _ in finals] == [(5, 0.25), (5, 0.25)]
   assert s["length_grid"] == [1, 5, 10]
+
+
+def test_key_value_prompt_length_is_searched_with_the_visual_length(tmp_path, monkeypatch):
+  """E2VPT tunes both lengths: (p, k) = (5, 2) is best on validation and the finals use both."""
+  seen = []
+
+  def fake(config, workdir):
+    seen.append((os.path.basename(workdir), config.prompt.length, config.prompt.kv_length,
+                 config.data.val_split))
+    best = (config.prompt.length, config.prompt.kv_length) == (5, 2)
+    return {"val_top1": (0.9 if best else 0.5) if config.data.val_split else None,
+            "test_top1": 0.7}
+  monkeypatch.setattr(loop, "train_and_evaluate", fake)
+  s = sweeps.run_protocol(DEMO, "vpt-deep", str(tmp_path), lr_grid=["1.0"], wd_grid=["0.0"],
+                          seeds=["0"], length_grid=["1", "5"], kv_length_grid=["0", "2"])
+  assert s["best"] == {"lr": 1.0, "wd": 0.0, "val_top1": 0.9, "length": 5, "kv_length": 2}
+  assert sorted(x[0] for x in seen if x[3]) == sorted(
+      f"p{p}_kv{k}_lr1_wd0" for p in (1, 5) for k in (0, 2))
+  assert [(p, k) for _, p, k, v in seen if not v] == [(5, 2)]
+  assert s["kv_length_grid"] == [0, 2]

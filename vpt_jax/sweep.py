@@ -31,6 +31,8 @@ def define_flags() -> None:
   flags.DEFINE_list("seeds", None, "Override the config's SEEDS.")
   flags.DEFINE_list("length_grid", None, "Prompt lengths to search with --protocol (default: the "
                     "config's PROMPT_LENGTH_GRID, if any).")
+  flags.DEFINE_list("kv_length_grid", None, "E2VPT key-value prompt lengths to search with "
+                    "--protocol (default: the config's KV_LENGTH_GRID, if any).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +42,8 @@ def main(argv) -> None:
   path, _, arg = FLAGS.config.partition(":")
   if FLAGS.protocol:
     sweeps.run_protocol(path, arg, FLAGS.workdir, lr_grid=FLAGS.lr_grid,
-                        wd_grid=FLAGS.wd_grid, seeds=FLAGS.seeds, length_grid=FLAGS.length_grid)
+                        wd_grid=FLAGS.wd_grid, seeds=FLAGS.seeds, length_grid=FLAGS.length_grid,
+                        kv_length_grid=FLAGS.kv_length_grid)
   else:
     sweeps.run(path, FLAGS.workdir, FLAGS.arm)
 

@@ -14,6 +14,8 @@ Grid values are quoted per 256 images, as the official scripts do, and used at l
 The prompt length is a tuned hyperparameter in the paper: with a length grid (the config file's
 PROMPT_LENGTH_GRID, or `length_grid`), every (p, lr, wd) trains in `grid/p{p}_lr{lr}_wd{wd}` and
 the best on val200 (ties to the smaller lr, then the shorter prompt) fixes p for the final runs.
+E2VPT also tunes its key-value prompt length: a KV_LENGTH_GRID (or `kv_length_grid`) adds it to the
+search the same way (`grid/p{p}_kv{k}_lr{lr}_wd{wd}`; ties to fewer key-value prompts).
 Everything is resumable: a finished run (with results.json) is never rerun, an interrupted one
 continues from its checkpoint.
 """
@@ -78,10 +80,11 @@ def _finished(workdir: str) -> Dict | None:
 
 
 def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_grid=None,
-                 seeds=None, length_grid=None) -> Dict:
+                 seeds=None, length_grid=None, kv_length_grid=None) -> Dict:
   """The paper's protocol for one task; see the module docstring."""
   module = load_config_module(config_path)
   lengths = [int(x) for x in (length_grid or getattr(module, "PROMPT_LENGTH_GRID", ()) or ())]
+  kv_lengths = [int(x) for x in (kv_length_grid or getattr(module, "KV_LENGTH_GRID", ()) or ())]
   lr_grid = [float(x) for x in (lr_grid or (module.lr_grid(arg) if hasattr(module, "lr_grid")
                                              else module.LR_GRID))]
   wd_grid = [float(x) for x in (wd_grid or module.WD_GRID)]
@@ -98,28 +101,37 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
     print(f"=== {sub} ===", flush=True)
     return loop.train_and_evaluate(module.get_config(prefix + extra), d)
 
+  def prompt_shape(g: Dict) -> tuple:
+    """(directory prefix, config overrides) of a grid point's prompt lengths."""
+    name = "".join(f"{tag}{g[key]}_" for key, tag in (("length", "p"), ("kv_length", "kv"))
+                   if key in g)
+    extra = "".join(f",prompt.{key}={g[key]}" for key in ("length", "kv_length") if key in g)
+    return name, extra
+
   grid = []
   for p in lengths or [None]:
-    for lr in lr_grid:
-      for wd in wd_grid:
-        sub = f"grid/lr{lr:g}_wd{wd:g}" if p is None else f"grid/p{p}_lr{lr:g}_wd{wd:g}"
-        extra = "" if p is None else f",prompt.length={p}"
-        r = run(sub, f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}{extra}")
-        if r.get("val_top1") is None:
-          raise ValueError(f"{config_path}:{arg} has no validation split to select on")
-        grid.append({"lr": lr, "wd": wd, "val_top1": r["val_top1"]} |
-                    ({} if p is None else {"length": p}))
-  best = max(grid, key=lambda g: (g["val_top1"], -g["lr"], -g.get("length", 0)))
+    for k in kv_lengths or [None]:
+      shape = {key: v for key, v in (("length", p), ("kv_length", k)) if v is not None}
+      name, extra = prompt_shape(shape)
+      for lr in lr_grid:
+        for wd in wd_grid:
+          r = run(f"grid/{name}lr{lr:g}_wd{wd:g}",
+                  f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}{extra}")
+          if r.get("val_top1") is None:
+            raise ValueError(f"{config_path}:{arg} has no validation split to select on")
+          grid.append({"lr": lr, "wd": wd, "val_top1": r["val_top1"]} | shape)
+  best = max(grid, key=lambda g: (g["val_top1"], -g["lr"], -g.get("length", 0),
+                                  -g.get("kv_length", 0)))
   finals = []
   for seed in seeds:
-    extra = f",prompt.length={best['length']}" if "length" in best else ""
+    extra = prompt_shape(best)[1]
     r = run(f"final/seed{seed}", f"final,optim.lr={best['lr'] * batch / 256!r},"
                                  f"optim.wd={best['wd']!r},seed={seed}{extra}")
     finals.append({"seed": seed, "test_top1": r["test_top1"], "results": r})
   tops = [f["test_top1"] for f in finals]
   summary = {
       "config": f"{config_path}:{arg}", "lr_grid_per_256": lr_grid, "wd_grid": wd_grid,
-      "length_grid": lengths,
+      "length_grid": lengths, "kv_length_grid": kv_lengths,
       "batch_size": batch, "grid": grid, "best": best,
       "final": [{k: v for k, v in f.items() if k != "results"} for f in finals],
       "test_top1_mean": float(sum(tops) / len(tops)),
