@@ -103,12 +103,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
       steps.create_train_state(trainable, tx, jax.random.PRNGKey(config.seed)), replicated)
   ckpt = workdir_lib.Checkpointer(workdir, built.fingerprint(), keep=config.keep_checkpoints,
                                  optim=config.optim.to_dict())
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state = jax.device_put(restored, replicated)
-    say(f"resuming from {workdir}/checkpoints/last at step {int(state.step)}")
-  if jax.process_index() == 0:
-    workdir_lib.write_config(workdir, config)
+  state = workdir_lib.resume(ckpt, state, replicated, workdir, config, say)
   report = rules.param_report(built.variables, built.mask,
                               trainable_count=_pruned_count(built.variables, trainable))
   say(f"model: {model.depth} layers, width {model.width}, {config.model.num_classes} classes; "

@@ -153,12 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                   keep=config.keep_checkpoints)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
-    restored = ckpt.restore(state)
-    if restored is not None:
-      state = jax.device_put(restored, replicated)
-      say(f"resuming from {workdir}/checkpoints/last at step {int(state.step)}")
-    if jax.process_index() == 0:
-      workdir_lib.write_config(workdir, config)
+    state = workdir_lib.resume(ckpt, state, replicated, workdir, config, say)
     counts = param_counts(built, head_vars)
     say(f"segmentation: {built.model.depth} layers, width {built.model.width}, "
         f"{config.model.num_classes} classes, {image_size}px; protocol {s.protocol}: "

@@ -223,6 +223,19 @@ def check_optim(saved: Optional[Dict[str, Any]], current: Optional[Dict[str, Any
           "--config.optim.resume_with_changes=True to continue with the new ones.")
 
 
+def resume(ckpt: Checkpointer, state: Any, sharding: Any, workdir: str,
+           config: ml_collections.ConfigDict, say: Callable[[str], None]) -> Any:
+  """The run's state: restored from the workdir's last checkpoint when there is one (placed with
+  `sharding`), else `state`; the config is (re)written by process 0 either way."""
+  restored = ckpt.restore(state)
+  if restored is not None:
+    state = jax.device_put(restored, sharding)
+    say(f"resuming from {workdir}/checkpoints/last at step {int(state.step)}")
+  if jax.process_index() == 0:
+    write_config(workdir, config)
+  return state
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:

@@ -327,6 +327,19 @@ def _read_exact(f: io.BytesIO, n: int, path: str, what: str) -> bytes:
   return buf
 
 
+
+def _records(f: io.BytesIO, path: str, member: str, kind: str):
+  """The legacy tar members' layout: a pickled count, then that many pickled 3-tuples (each
+  followed by raw data the caller reads before asking for the next record)."""
+  n = _unpickle(f, path, member)
+  if type(n) is not int or n < 0:
+    raise TorchCheckpointError(f"{path}: {member} member starts with {n!r}, not a count")
+  for _ in range(n):
+    rec = _unpickle(f, path, member)
+    if not (isinstance(rec, tuple) and len(rec) == 3):
+      raise TorchCheckpointError(f"{path}: bad {kind} record {rec!r}")
+    yield rec
+
 def _load_tar(path: str, inert: frozenset) -> Any:
   try:
     with tarfile.open(path, mode="r:", format=tarfile.PAX_FORMAT) as tar:
@@ -345,14 +358,8 @@ def _load_tar(path: str, inert: frozenset) -> Any:
 
   # storages: n, then n x (pickle (key, location, type), int64 count, elements); then a view list.
   f = io.BytesIO(members["storages"])
-  n = _unpickle(f, path, "storages")
-  if type(n) is not int or n < 0:
-    raise TorchCheckpointError(f"{path}: storages member starts with {n!r}, not a count")
   storages: Dict[str, Any] = {}
-  for _ in range(n):
-    rec = _unpickle(f, path, "storages")
-    if not (isinstance(rec, tuple) and len(rec) == 3):
-      raise TorchCheckpointError(f"{path}: bad storage record {rec!r}")
+  for rec in _records(f, path, "storages", "storage"):
     key, stype = str(rec[0]), _storage_type(rec[2], path)
     (count,) = struct.unpack("<q", _read_exact(f, 8, path, f"storage {key!r}"))
     nbytes = count * stype.dtype.itemsize
@@ -370,14 +377,8 @@ def _load_tar(path: str, inert: frozenset) -> Any:
   # tensors: n, then n x (pickle (key, storage key, type), int32 ndim, 4 pad bytes, sizes,
   # strides, offset as int64).
   f = io.BytesIO(members["tensors"])
-  n = _unpickle(f, path, "tensors")
-  if type(n) is not int or n < 0:
-    raise TorchCheckpointError(f"{path}: tensors member starts with {n!r}, not a count")
   tensors: Dict[str, _TensorRef] = {}
-  for _ in range(n):
-    rec = _unpickle(f, path, "tensors")
-    if not (isinstance(rec, tuple) and len(rec) == 3):
-      raise TorchCheckpointError(f"{path}: bad tensor record {rec!r}")
+  for rec in _records(f, path, "tensors", "tensor"):
     key, skey = str(rec[0]), str(rec[1])
     ttype = _storage_type(rec[2], path)
     (ndim,) = struct.unpack("<i", _read_exact(f, 4, path, f"tensor {key!r}"))
