@@ -199,3 +199,13 @@ def test_eval_step_counts_only_real_examples(setup):
   assert float(out["count"]) == 2 and float(out["correct"]) == correct
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, BATCH["label"])
   assert float(out["loss_sum"]) == pytest.approx(float(ce[:2].sum()), rel=1e-5)
+
+
+def test_progress_line_counts_a_partial_last_epoch(capsys):
+  """An iteration schedule that is not a whole number of epochs (segmentation: 300 steps of 63 per
+  epoch) ends in epoch 5 of 5, not 5 of 4."""
+  from vpt_jax.tuning.metrics import Progress
+  p = Progress(300, 63, 32, 0)
+  assert "epoch 5/5" in p.line(300, {"loss": 1.0})
+  assert "epoch 1/5" in p.line(63, {"loss": 1.0}) and "epoch 2/5" in p.line(64, {})
+  assert "epoch 2/2" in Progress(26, 13, 64, 0).line(26, {})

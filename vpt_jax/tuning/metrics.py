@@ -91,8 +91,8 @@ class Progress:
     rate = done / dt if dt > 0 and done > 0 else 0.0
     eta = (self.total - step) / rate if rate else float("nan")
     eta_s = "?" if eta != eta else time.strftime("%H:%M:%S", time.gmtime(eta))
-    parts = [f"step {step}/{self.total}",
-             f"epoch {(step - 1) // self.spe + 1}/{self.total // self.spe}"]
+    epochs = -(-self.total // self.spe)  # a partial last epoch (iteration schedules) counts
+    parts = [f"step {step}/{self.total}", f"epoch {(step - 1) // self.spe + 1}/{epochs}"]
     parts += [f"{k} {v:.4g}" for k, v in metrics.items()]
     parts += [f"{rate * self.batch:.1f} img/s", f"ETA {eta_s}"]
     text = " | ".join(parts)
