@@ -42,6 +42,28 @@ def load_raw(name: str) -> dict:
     return {k: f[k] for k in f.files}
 
 
+def adam_steps(loss_fn, trainable, *, steps: int = 6, lr: float = 3e-2):
+  """A few jitted Adam steps on `trainable` (the families' "prompts and head learn" tests).
+
+  Returns (losses, gradients of the first step, gradients of the last step).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  opt = optax.adam(lr)
+
+  @jax.jit
+  def step(tr, st):
+    loss, g = jax.value_and_grad(loss_fn)(tr)
+    upd, st = opt.update(g, st, tr)
+    return optax.apply_updates(tr, upd), st, loss, g
+
+  state, losses, grads = opt.init(trainable), [], []
+  for _ in range(steps):
+    trainable, state, loss, g = step(trainable, state)
+    losses.append(float(loss))
+    grads.append(g)
+  return losses, grads[0], grads[-1]
+
+
 @pytest.fixture
 def write_npz(tmp_path):
   """Writes a dict of arrays as an .npz in tmp_path and returns its path."""

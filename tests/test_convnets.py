@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from conftest import ATOL, RTOL, data_path
+from conftest import ATOL, RTOL, adam_steps, data_path
 from vpt_jax.models import convnets as cn
 from vpt_jax.weights import torch_convnets as tc
 from vpt_jax.weights import torch as tw
@@ -229,20 +229,7 @@ def test_training_prompts_and_head_reduces_loss(family):
     logits = model.apply(v, images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  opt = optax.adam(3e-2)
-  state_ = opt.init(trainable)
-
-  @jax.jit
-  def step(tr, st):
-    loss, g = jax.value_and_grad(loss_fn)(tr)
-    upd, st = opt.update(g, st, tr)
-    return optax.apply_updates(tr, upd), st, loss, g
-
-  losses = []
-  for i in range(6):
-    trainable, state_, loss, g = step(trainable, state_)
-    losses.append(float(loss))
-    if i == 0:
-      assert float(jnp.abs(g["prompts"]["pad_prompt"]["tb"]).max()) > 0
-      assert float(jnp.abs(g["prompts"]["pad_prompt"]["lr"]).max()) > 0
+  losses, g, _ = adam_steps(loss_fn, trainable)
+  assert float(jnp.abs(g["prompts"]["pad_prompt"]["tb"]).max()) > 0
+  assert float(jnp.abs(g["prompts"]["pad_prompt"]["lr"]).max()) > 0
   assert losses[-1] < losses[0] - 0.1, losses

@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from conftest import ATOL, RTOL, data_path
+from conftest import ATOL, RTOL, adam_steps, data_path
 from vpt_jax import prompts
 from vpt_jax.weights import torch_vit as ssl_vit
 from vpt_jax.weights import torch as tw
@@ -203,19 +203,7 @@ def test_training_prompts_and_head_reduces_loss(family):
                          images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  opt = optax.adam(3e-2)
-  opt_state = opt.init(trainable)
-
-  @jax.jit
-  def step(tr, st):
-    loss, g = jax.value_and_grad(loss_fn)(tr)
-    upd, st = opt.update(g, st, tr)
-    return optax.apply_updates(tr, upd), st, loss, g
-
-  losses = []
-  for i in range(6):
-    trainable, opt_state, loss, g = step(trainable, opt_state)
-    losses.append(float(loss))
-    if i == 0:   # both layers' prompts get gradients
-      assert (np.abs(np.asarray(g["prompts"]["hooks"]["tokens"])).max(axis=(1, 2)) > 0).all()
+  losses, g, _ = adam_steps(loss_fn, trainable)
+  # both layers' prompts get gradients at the first step
+  assert (np.abs(np.asarray(g["prompts"]["hooks"]["tokens"])).max(axis=(1, 2)) > 0).all()
   assert losses[-1] < losses[0] - 0.1, losses

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ATOL, RTOL, data_path, load_io
+from conftest import ATOL, RTOL, adam_steps, data_path, load_io
 from vpt_jax.models import swin
 from vpt_jax.prompts import swin as swin_prompts
 from vpt_jax.weights import torch_swin
@@ -275,24 +275,13 @@ def test_training_prompts_and_head_reduces_the_loss(backbone):
           "bias": jnp.zeros((10,), jnp.float32)}
   trainable = {"prompts": prompts, "head": head}
   frozen = {k: v for k, v in params.items() if k != "head"}
-  opt = optax.adam(3e-2)
 
   def loss_fn(t):
     logits = model.apply({"params": {**frozen, "head": t["head"]}, "prompts": t["prompts"]},
                          images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  @jax.jit
-  def step(t, s):
-    loss, g = jax.value_and_grad(loss_fn)(t)
-    u, s = opt.update(g, s, t)
-    return optax.apply_updates(t, u), s, loss, g
-
-  state = opt.init(trainable)
-  losses = []
-  for _ in range(6):
-    trainable, state, loss, grads = step(trainable, state)
-    losses.append(float(loss))
+  losses, _, grads = adam_steps(loss_fn, trainable)
   assert losses[-1] < losses[0] - 0.1, losses
   g = grads["prompts"]["hooks"]
   assert np.any(np.asarray(g["deep_prompt_embeddings_2"])) and np.any(np.asarray(g["kv_3_1"]))
