@@ -390,7 +390,12 @@ def test_zoo_names_resolve_to_published_files():
     entry = zoo.ZOO[name]
     if entry.family != "vit":   # the PyTorch backbones: https, .pth files, no sub-tree
       assert path.startswith("https://") and ".pth" in path and sub is None, name
-      assert all(c in "0123456789abcdef" for c in entry.sha256_prefix + entry.md5_prefix), name
+      hashes = entry.sha256_prefix + entry.md5_prefix + (entry.sha256 or "")
+      assert all(c in "0123456789abcdef" for c in hashes), name
+      assert entry.sha256 is None or len(entry.sha256) == 64, name
+      # A full sha256 and its publisher's prefix never disagree.
+      assert (entry.sha256 or entry.sha256_prefix).startswith(entry.sha256_prefix), name
+      assert entry.size is None or entry.size > 10 << 20, name   # a real backbone, not a stub
       continue
     assert path.startswith("gs://") and path.endswith(".npz"), name
     assert (sub == "img") == name.startswith("siglip"), name

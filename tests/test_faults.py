@@ -306,6 +306,26 @@ def test_a_zoo_entrys_published_hash_prefix_is_enforced(tmp_path, server, monkey
   assert open(path, "rb").read() == PAYLOAD
 
 
+def test_a_zoo_entrys_size_and_md5_prefix_are_enforced(tmp_path, server, monkeypatch):
+  """The MAE and MoCo READMEs publish md5 prefixes, and some sizes are known: a download that
+  differs in either is refused and not cached; one that matches is kept."""
+  from vpt_jax.weights import zoo
+  md5 = hashlib.md5(PAYLOAD).hexdigest()
+  cases = {"bad-md5": dict(md5_prefix="ffffff" if md5[:6] != "ffffff" else "000000"),
+           "bad-size": dict(size=len(PAYLOAD) + 1),
+           "good-both": dict(md5_prefix=md5[:6], size=len(PAYLOAD))}
+  for name, kw in cases.items():
+    monkeypatch.setitem(zoo.ZOO, name, zoo.Entry(_url(server, f"{name}.pth"), "test", "mae", **kw))
+  cache = tmp_path / "cache"
+  with pytest.raises(download.CheckpointError, match=f"md5 {md5} does not match"):
+    download.resolve("bad-md5", str(cache))
+  with pytest.raises(download.CheckpointError, match=f"size {len(PAYLOAD)} bytes does not match"):
+    download.resolve("bad-size", str(cache))
+  assert not [f for f in os.listdir(cache) if "bad" in f]
+  path, _ = download.resolve("good-both", str(cache))
+  assert open(path, "rb").read() == PAYLOAD
+
+
 # --- Corrupt images with a valid header -----------------------------------------------------
 
 

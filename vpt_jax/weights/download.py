@@ -107,20 +107,35 @@ def _fetch(url: str, tmp: str) -> None:
                     f"closed early)")
 
 
-def download(url: str, cache_dir: Optional[str] = None, sha256: Optional[str] = None) -> str:
+def mismatch(path: str, sha256: Optional[str] = None, md5: Optional[str] = None,
+             size: Optional[int] = None) -> Optional[str]:
+  """How a file differs from what is known about it (size, sha256 or its prefix, md5 prefix),
+  or None when it matches everything known. The size is checked first: it costs no read."""
+  if size is not None and (got := os.path.getsize(path)) != size:
+    return f"size {got} bytes does not match the expected {size}"
+  if sha256 is not None and not (got := file_sha256(path)).startswith(sha256):
+    return f"sha256 {got} does not match the expected {sha256}"
+  if md5 is not None and not (got := _file_md5(path)).startswith(md5):
+    return f"md5 {got} does not match the expected {md5}"
+  return None
+
+
+def download(url: str, cache_dir: Optional[str] = None, sha256: Optional[str] = None,
+             md5: Optional[str] = None, size: Optional[int] = None) -> str:
   """Fetches a gs:// or http(s):// file once into the cache directory and returns the local path.
 
   Written to '<name>.<pid>.partial' and renamed only once complete: the byte count must match the
-  Content-Length and the sha256 (when known) must match, so an interrupted or corrupted download
-  never leaves a file that looks complete. A stalled server fails after TIMEOUT_S.
+  Content-Length, and the size, sha256 and md5 prefix (those known, e.g. from the model zoo) must
+  match, so an interrupted or corrupted download never leaves a file that looks complete. A
+  stalled server fails after TIMEOUT_S.
   """
   cache_dir = cache_dir or default_cache_dir()
   digest = hashlib.sha256(url.encode()).hexdigest()[:12]
   dest = os.path.join(cache_dir, f"{digest}_{os.path.basename(url.rstrip('/'))}")
   if os.path.exists(dest):
-    if sha256 is None or file_sha256(dest).startswith(sha256):
+    if (why := mismatch(dest, sha256, md5, size)) is None:
       return dest
-    _report(f"vpt_jax: cached {dest} does not match sha256 {sha256}; downloading it again")
+    _report(f"vpt_jax: cached {dest}: {why}; downloading it again")
   tmp = f"{dest}.{os.getpid()}.partial"
   try:
     os.makedirs(cache_dir, exist_ok=True)
@@ -133,8 +148,8 @@ def download(url: str, cache_dir: Optional[str] = None, sha256: Optional[str] = 
   _report(f"vpt_jax: downloading {url} -> {dest}")
   try:
     _fetch(url, tmp)
-    if sha256 is not None and not (got := file_sha256(tmp)).startswith(sha256):
-      raise IOError(f"sha256 {got} does not match the expected {sha256}")
+    if (why := mismatch(tmp, sha256, md5, size)) is not None:
+      raise IOError(why)
     os.replace(tmp, dest)
   except Exception as e:
     if os.path.exists(tmp):
@@ -149,6 +164,7 @@ def resolve(spec: str, cache_dir: Optional[str] = None) -> Tuple[str, Optional[s
   -> (local path, subtree)."""
   spec, pin = split_pin(spec)
   sha256 = pin or zoo.sha256_for(spec)
+  zoo_name = spec
   name, _, subtree = spec.rpartition(":")
   if zoo.url_for(spec) == spec and name and subtree and zoo.url_for(name) != name:
     # 'demo-vit:img': a zoo name with a sub-tree of its own.
@@ -156,12 +172,14 @@ def resolve(spec: str, cache_dir: Optional[str] = None) -> Tuple[str, Optional[s
       raise ValueError(f"checkpoint {spec!r}: zoo name {name!r} already selects the sub-tree "
                        f"{split_subtree(zoo.url_for(name))[1]!r}; drop ':{subtree}'")
     sha256 = pin or zoo.sha256_for(name)
+    zoo_name = name
     spec = f"{zoo.url_for(name)}:{subtree}"
   spec = zoo.url_for(spec)
   path, subtree = split_subtree(spec)
   remote = bool(re.match(r"^(gs|https?)://", path))
   if remote:
-    path = download(path, cache_dir, sha256=sha256)
+    path = download(path, cache_dir, sha256=sha256, md5=zoo.md5_for(zoo_name),
+                    size=zoo.size_for(zoo_name))
   elif path.startswith("file://"):
     path = path[len("file://"):]
   if not os.path.exists(path):
@@ -173,10 +191,18 @@ def resolve(spec: str, cache_dir: Optional[str] = None) -> Tuple[str, Optional[s
   return path, subtree
 
 
-def file_sha256(path: str) -> str:
-  """The sha256 of a file's bytes (a backbone's identity in a run's fingerprint)."""
-  h = hashlib.sha256()
+def _digest(path: str, algorithm: str) -> str:
+  h = hashlib.new(algorithm)
   with open(path, "rb") as f:
     while chunk := f.read(1 << 22):
       h.update(chunk)
   return h.hexdigest()
+
+
+def _file_md5(path: str) -> str:
+  return _digest(path, "md5")
+
+
+def file_sha256(path: str) -> str:
+  """The sha256 of a file's bytes (a backbone's identity in a run's fingerprint)."""
+  return _digest(path, "sha256")

@@ -11,7 +11,18 @@ code feeds them.
 `family` says which reader and model a file needs ('vit': the .npz reader of `weights.npz`;
 'mae', 'moco': `weights.torch_vit`; 'swin': `weights.torch_swin`; 'convnext', 'resnet':
 `weights.torch_convnets`). `sha256_prefix` / `md5_prefix` hold what the publishers state about the
-file's hash (a prefix only where that is all they state; empty where nothing is published).
+file's hash (a prefix only where that is all they state; empty where nothing is published);
+`sha256` and `size` (bytes) are recorded only where public sources that name the published URL
+agree on them. A download is checked against all of them (`weights.download`).
+
+Where the hashes come from (checked 2026-12-01):
+- ResNet-50: torchvision's file name carries the sha256 prefix; its size is the server's
+  Content-Length (102502400 bytes) as recorded in public download logs.
+- MAE: the md5 prefixes of the facebookresearch/mae README (8cad7c / b8b06e / 9bdbb0); the full
+  sha256 and size of ViT-B and ViT-L as pinned by several independent projects that fetch the
+  dl.fbaipublicfiles.com URLs (Git LFS pointers and download locks of the same files).
+- MoCo v3: the md5 prefix of the moco-v3 README (8f39ce).
+- Swin, ConvNeXt, MAE ViT-H: no hash or size is published; pin one with 'name@sha256:<hex>'.
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ class Entry:
   family: str = "vit"
   sha256_prefix: str = ""
   md5_prefix: str = ""
-  # The published file's sha256 where known (verified after download); none of the remote files'
-  # hashes is recorded yet: pin one with 'name@sha256:<hex>' (`vpt_jax.weights.download`).
+  # The full sha256 and size in bytes where public sources agree on them (see the module
+  # docstring); otherwise pin one with 'name@sha256:<hex>' (`vpt_jax.weights.download`).
   sha256: Optional[str] = None
+  size: Optional[int] = None
 
 
 _VIT = "gs://vit_models/imagenet21k"
@@ -110,12 +122,19 @@ ZOO: Dict[str, Entry] = {
     # PyTorch backbones of the VPT paper's Tables 2, 4 and 5 (read without torch, `weights.torch`).
     # MAE (He et al.) pre-trained encoders, `{'model': ...}`; VPT pools them with global_pool and a
     # fresh fc_norm (`weights.torch_vit`).
-    "mae-vit-b16": Entry(f"{_MAE}/mae_pretrain_vit_base.pth",
-                         "MAE ViT-B/16 encoder, ImageNet-1k self-supervised, 224px", "mae"),
-    "mae-vit-l16": Entry(f"{_MAE}/mae_pretrain_vit_large.pth",
-                         "MAE ViT-L/16 encoder, ImageNet-1k self-supervised, 224px", "mae"),
+    "mae-vit-b16": Entry(
+        f"{_MAE}/mae_pretrain_vit_base.pth",
+        "MAE ViT-B/16 encoder, ImageNet-1k self-supervised, 224px", "mae", md5_prefix="8cad7c",
+        sha256="aec5f0b68e5f3193a00b07bc65a37440db549c15b36b8bea242606cc40c4bc5d",
+        size=343249461),
+    "mae-vit-l16": Entry(
+        f"{_MAE}/mae_pretrain_vit_large.pth",
+        "MAE ViT-L/16 encoder, ImageNet-1k self-supervised, 224px", "mae", md5_prefix="b8b06e",
+        sha256="d2ceff4892889d0c0f5418fa8bcb02e6a25a37fc3bdc0619c3cacd7d3d05c39f",
+        size=1213314565),
     "mae-vit-h14": Entry(f"{_MAE}/mae_pretrain_vit_huge.pth",
-                         "MAE ViT-H/14 encoder, ImageNet-1k self-supervised, 224px", "mae"),
+                         "MAE ViT-H/14 encoder, ImageNet-1k self-supervised, 224px", "mae",
+                         md5_prefix="9bdbb0"),
     # MoCo v3 (Chen et al.) ViT-B linear-evaluation file: what VPT loads (it renames it to
     # mocov3_linear-vit-b-300ep.pth.tar). The moco-v3 README lists its md5 as starting 8f39ce.
     "mocov3-vit-b16": Entry("https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/"
@@ -139,7 +158,7 @@ ZOO: Dict[str, Entry] = {
     # torchvision names its files by the first 8 hex digits of their sha256.
     "resnet50-1k": Entry("https://download.pytorch.org/models/resnet50-19c8e357.pth",
                          "ResNet-50 (torchvision v1.5), ImageNet-1k, 224px (VPT Table 5)",
-                         "resnet", sha256_prefix="19c8e357"),
+                         "resnet", sha256_prefix="19c8e357", size=102502400),
 }
 
 
@@ -158,6 +177,18 @@ def sha256_for(spec: str) -> Optional[str]:
   download must start with it); None when unknown or not a zoo name."""
   entry = ZOO.get(spec)
   return (entry.sha256 or entry.sha256_prefix or None) if entry else None
+
+
+def md5_for(spec: str) -> Optional[str]:
+  """The md5 prefix a zoo name's publisher states; None when unknown or not a zoo name."""
+  entry = ZOO.get(spec)
+  return (entry.md5_prefix or None) if entry else None
+
+
+def size_for(spec: str) -> Optional[int]:
+  """The recorded size in bytes of a zoo name's file; None when unknown or not a zoo name."""
+  entry = ZOO.get(spec)
+  return entry.size if entry else None
 
 
 def url_for(spec: str) -> str:
