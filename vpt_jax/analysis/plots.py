@@ -87,11 +87,17 @@ def frozen_backbone(config) -> Tuple[VisionTransformer, Dict[str, Any]]:
                                    drop_pre_logits=m.drop_pre_logits)
 
 
+# Up to this many points t-SNE runs exactly (all pairwise forces): faster than the Barnes-Hut
+# approximation at that size (120 points: 0.5 s against 3.3 s of CPU here) and no approximation.
+EXACT_TSNE_MAX_POINTS = 500
+
+
 def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
   from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top; heavy, only t-SNE
   perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
-  return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(
-      x.astype(np.float64))
+  method = "exact" if len(x) <= EXACT_TSNE_MAX_POINTS else "barnes_hut"
+  return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity,
+              method=method).fit_transform(x.astype(np.float64))
 
 
 # -- attention ---------------------------------------------------------------------------------
