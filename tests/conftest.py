@@ -2,6 +2,7 @@
 
 import os
 import re
+import resource
 import time
 
 import jax
@@ -134,7 +135,16 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 _FILE_SECONDS: dict = {}
+_FILE_CPU: dict = {}
+_TESTS: dict = {}   # node id -> [wall s, CPU s]
 _START = []
+_CPU_MARK = []
+
+
+def _cpu_s() -> float:
+  """CPU seconds of this process (all threads) and of its finished child processes."""
+  own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def pytest_sessionstart(session):
@@ -142,9 +152,31 @@ def pytest_sessionstart(session):
   _START.append(time.time())
 
 
+def pytest_runtest_logstart(nodeid, location):
+  del nodeid, location
+  _CPU_MARK[:] = [_cpu_s()]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Each phase's report carries the CPU seconds it used (worker and reaped subprocesses): a test
+  whose CPU is far below its wall time waits on something (README, Development)."""
+  del item, call
+  outcome = yield
+  if _CPU_MARK:
+    now = _cpu_s()
+    outcome.get_result().user_properties.append(("cpu_s", now - _CPU_MARK[0]))
+    _CPU_MARK[0] = now
+
+
 def pytest_runtest_logreport(report):
   path = report.nodeid.split("::")[0]
   _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+  cpu = dict(report.user_properties).get("cpu_s", 0.0)
+  _FILE_CPU[path] = _FILE_CPU.get(path, 0.0) + cpu
+  test = _TESTS.setdefault(report.nodeid, [0.0, 0.0])
+  test[0] += report.duration
+  test[1] += cpu
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -154,11 +186,16 @@ def pytest_terminal_summary(terminalreporter, config):
   total = sum(_FILE_SECONDS.values())
   wall = time.time() - _START[0]
   tr = terminalreporter
-  tr.section("time per test file (setup + call + teardown, summed over workers)")
+  tr.section("time per test file (setup + call + teardown, summed over workers; CPU seconds)")
   for path, s in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
-    tr.write_line(f"{s:8.1f}s {100 * s / total:5.1f}%  {path}")
-  tr.write_line(f"{total:8.1f}s summed; {wall:.0f}s wall; budget {BUDGET_S:.0f}s wall on a slow "
-                "2-core host (README, Development)")
+    tr.write_line(f"{s:8.1f}s {100 * s / total:5.1f}% {_FILE_CPU.get(path, 0.0):7.1f}s CPU  {path}")
+  cpu = sum(_FILE_CPU.values())
+  tr.write_line(f"{total:8.1f}s summed; {cpu:.0f}s CPU; {wall:.0f}s wall; budget {BUDGET_S:.0f}s "
+                "wall on a slow 2-core host (README, Development)")
+  idle = sorted(_TESTS.items(), key=lambda kv: kv[1][1] - kv[1][0])[:8]
+  tr.write_line("most waiting (wall - CPU; under load, CPU contention counts as waiting too):")
+  for nodeid, (w, c) in idle:
+    tr.write_line(f"{w - c:8.1f}s  ({w:.1f}s wall, {c:.1f}s CPU)  {nodeid}")
   if os.environ.get("VPT_JAX_CI_START"):  # set by .ci/run
     install = _START[0] - float(os.environ["VPT_JAX_CI_START"])
     tr.write_line(f"CI: {install:.0f}s venv + install + start-up before the first test, "

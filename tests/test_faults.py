@@ -478,3 +478,4 @@ def test_an_unknown_config_flag_is_one_line_not_a_traceback(tmp_path):
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert ("error: unknown config option 'lrr' (Did you mean \"lr\" instead of \"lrr\"?) "
           "(flags: --config.optim.lrr") in r.stderr
+  assert not os.listdir(tmp_path)  # refused before the workdir is touched
