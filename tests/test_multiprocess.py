@@ -86,7 +86,8 @@ def _rows(rows_dir, process):
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("multiprocess")
   d = {k: str(base / k) for k in ("ref", "multi", "resumed")}
-  procs = [_start(d["ref"], d["ref"] + "_rows", 8)] + _two_processes(d["multi"], d["multi"] + "_rows")
+  procs = [_start(d["ref"], d["ref"] + "_rows", 8)]
+  procs += _two_processes(d["multi"], d["multi"] + "_rows")
   outs = _finish(procs)
   # The state on disk after a crash right after step 1's save: later checkpoints never written.
   shutil.copytree(d["multi"], d["resumed"])
