@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from conftest import ROOT
 from vpt_jax.tuning import grid, loop, rules, sweeps
 from vpt_jax.tuning import workdir as workdir_lib
 
@@ -74,3 +75,24 @@ def test_prompt_protocols_are_refused(tmp_path):
 def test_points_may_differ_only_in_lr_and_wd(tmp_path):
   with pytest.raises(ValueError, match="optim.lr=-1.0 must be > 0"):
     grid.train_grid(demo.get_config(f"linear,{FAST}"), [(-1.0, 0.0, str(tmp_path / "a"))])
+
+
+def test_protocol_trains_its_grid_together(tmp_path, monkeypatch):
+  """--grid_batching: the grid's points come from one vmapped training (results.json says so),
+  the final runs are ordinary runs (a fake here: counted, not trained)."""
+  calls = []
+
+  def fake(config, workdir):
+    calls.append(os.path.relpath(workdir, tmp_path))
+    return {"test_top1": 0.5}
+  monkeypatch.setattr(loop, "train_and_evaluate", fake)
+  s = sweeps.run_protocol(os.path.join(ROOT, "configs", "demo.py"), f"linear,{FAST}", str(tmp_path),
+                          lr_grid=["12.8", "51.2"], wd_grid=["0.0"], seeds=["0"],
+                          grid_batching="vmap")
+  assert calls == ["final/seed0"]
+  for lr in ("12.8", "51.2"):
+    with open(tmp_path / "grid" / f"lr{lr}_wd0" / "results.json") as f:
+      r = json.load(f)
+    assert r["vmapped_grid"] == 2 and r["config"]["optim"]["lr"] == pytest.approx(
+        float(lr) * 64 / 256)
+  assert s["best"]["lr"] in (12.8, 51.2) and len(s["grid"]) == 2

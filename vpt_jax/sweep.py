@@ -41,6 +41,10 @@ def define_flags() -> None:
                     "the others' before the next phase.")
   flags.DEFINE_float("claim_stale_s", claims.STALE_AFTER_S, "With --claim: a claim not refreshed "
                      "for this long is a dead host's and is taken over.")
+  flags.DEFINE_enum("grid_batching", None, ["vmap", "map"], "With --protocol, for head-only "
+                    "protocols (linear, mlp-k) on cached features: train the lr x wd grid at once "
+                    "(vmap over the points, or a lax.map loop that is bit-identical to separate "
+                    "runs). Default: one run per point.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,8 +52,8 @@ def main(argv) -> None:
   utils.command_setup(argv)
   sys.path.insert(0, os.getcwd())  # configs import the `configs` package
   path, _, arg = FLAGS.config.partition(":")
-  if not FLAGS.protocol and (FLAGS.shard or FLAGS.claim):
-    raise app.UsageError("--shard and --claim split the runs of --protocol: add --protocol")
+  if not FLAGS.protocol and (FLAGS.shard or FLAGS.claim or FLAGS.grid_batching):
+    raise app.UsageError("--shard, --claim and --grid_batching apply to --protocol: add it")
   if FLAGS.protocol:
     try:
       shard = claims.parse_shard(FLAGS.shard) if FLAGS.shard else None
@@ -58,7 +62,7 @@ def main(argv) -> None:
     sweeps.run_protocol(path, arg, FLAGS.workdir, lr_grid=FLAGS.lr_grid,
                         wd_grid=FLAGS.wd_grid, seeds=FLAGS.seeds, length_grid=FLAGS.length_grid,
                         kv_length_grid=FLAGS.kv_length_grid, shard=shard, claim=FLAGS.claim,
-                        stale_after_s=FLAGS.claim_stale_s)
+                        stale_after_s=FLAGS.claim_stale_s, grid_batching=FLAGS.grid_batching)
   else:
     sweeps.run(path, FLAGS.workdir, FLAGS.arm)
 

@@ -26,6 +26,11 @@ any shard again once they are continues with the next phase (protocol.json is wr
 that sees every final run finished). claim=True: each job claims runs one at a time
 (`vpt_jax.tuning.claims`: atomic claim files, taken over from dead jobs), waits for the runs other
 jobs hold, then goes on to the next phase; every job ends with the same protocol.json.
+
+Head-only protocols (linear, MLP-k) on cached features can train the whole grid at once
+(`grid_batching='vmap'` or 'map', `vpt_jax.tuning.grid`; opt-in): the grid's unfinished points
+are trained together and write the results.json their runs would, then the protocol goes on as
+usual (the final runs are ordinary runs).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from vpt_jax.tuning import claims, loop, seg_loop
+from vpt_jax.tuning import claims, grid as grid_lib, loop, seg_loop
 
 
 def load_config_module(path: str):
@@ -125,7 +130,8 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
                  seeds=None, length_grid=None, kv_length_grid=None,
                  shard: Optional[Tuple[int, int]] = None, claim: bool = False,
                  run_fn: Optional[Callable[..., Dict]] = None, poll_s: float = 30.0,
-                 stale_after_s: float = claims.STALE_AFTER_S) -> Optional[Dict]:
+                 stale_after_s: float = claims.STALE_AFTER_S,
+                 grid_batching: Optional[str] = None) -> Optional[Dict]:
   """The paper's protocol for one task; see the module docstring. Returns the summary, or None
   when this shard's share is done and other shards' runs are still missing.
 
@@ -135,6 +141,9 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
     raise ValueError("--shard and --claim are alternatives: use one")
   if shard is not None and not 0 <= shard[0] < shard[1]:
     raise ValueError(f"--shard={shard[0]}/{shard[1]}: need 0 <= i < n")
+  if grid_batching and (shard is not None or claim):
+    raise ValueError("--grid_batching trains the whole grid in one job: use it without --shard "
+                     "or --claim")
   run_fn = run_fn or loop.train_and_evaluate
   module = load_config_module(config_path)
   lengths = [int(x) for x in (length_grid or getattr(module, "PROMPT_LENGTH_GRID", ()) or ())]
@@ -174,6 +183,18 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
           sub = f"grid/{name}lr{lr:g}_wd{wd:g}"
           extras[sub] = f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}{extra}"
           points[sub] = {"lr": lr, "wd": wd} | shape
+  if grid_batching:
+    shapes: Dict[str, List[str]] = {}
+    for sub in points:
+      if _finished(os.path.join(workdir, sub)) is None:
+        shapes.setdefault(prompt_shape(points[sub])[0], []).append(sub)
+    for subs in shapes.values():
+      print(f"=== grid: {len(subs)} points trained together ({grid_batching}) ===", flush=True)
+      grid_lib.train_grid(
+          module.get_config(prefix + extras[subs[0]]),
+          [(points[sub]["lr"] * batch / 256, points[sub]["wd"], os.path.join(workdir, sub))
+           for sub in subs], scratch=os.path.join(workdir, "grid", "_together"),
+          batching=grid_batching)
   done = _phase(workdir, list(points), run, **split)
   if done is None:
     return _incomplete("grid", shard)
