@@ -160,6 +160,8 @@ def test_shards_split_each_phase(setup):
   assert [e[1] for e in events if e[0] == "done"][-2:] == ["final/seed1", "final/seed0"]
   with pytest.raises(ValueError, match="--shard and --claim"):
     _protocol(config, workdir, shard=(0, 2), claim=True)
+  with pytest.raises(ValueError, match="--grid_batching trains the whole grid in one job"):
+    _protocol(config, workdir, claim=True, grid_batching="vmap")
 
 
 DRIVER = """
