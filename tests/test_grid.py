@@ -21,50 +21,67 @@ POINTS = [(0.05, 0.0), (0.2, 1e-2)]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+  """The grid trained with vmap and with map, and its second point as its own run."""
   base = tmp_path_factory.mktemp("grid")
   config = demo.get_config(f"linear,{FAST}")
-  vmapped, stacked = grid.train_grid(
-      config, [(lr, wd, str(base / f"v_lr{lr}_wd{wd}")) for lr, wd in POINTS],
-      return_trainable=True)
-  _, mapped = grid.train_grid(
-      config, [(lr, wd, str(base / f"m_lr{lr}_wd{wd}")) for lr, wd in POINTS],
-      return_trainable=True, batching="map")
-  single = []
-  for lr, wd in POINTS:
-    wd_dir = str(base / f"s_lr{lr}_wd{wd}")
-    results = loop.train_and_evaluate(
-        demo.get_config(f"linear,{FAST},optim.lr={lr},optim.wd={wd}"), wd_dir)
-    tuned = workdir_lib.load_tuned(wd_dir)
-    single.append((results, tuned.split()[0]))
-  return base, vmapped, stacked, mapped, single
+  together = {}
+  for batching in ("vmap", "map"):
+    together[batching] = grid.train_grid(
+        config, [(lr, wd, str(base / f"{batching}{i}")) for i, (lr, wd) in enumerate(POINTS)],
+        return_trainable=True, batching=batching)
+  lr, wd = POINTS[1]
+  single = loop.train_and_evaluate(
+      demo.get_config(f"linear,{FAST},optim.lr={lr},optim.wd={wd}"), str(base / "single"))
+  return base, together, (single, workdir_lib.load_tuned(str(base / "single")).split()[0])
 
 
-def test_each_point_equals_its_own_run(runs):
-  base, vmapped, stacked, _, single = runs
-  for i, (v, (s, trainable)) in enumerate(zip(vmapped, single)):
-    for key in ("val_top1", "test_top1", "best_val_top1", "trainable_params"):
-      assert v[key] == s[key], (POINTS[i], key)
-    for key in ("val_loss", "test_loss"):
-      assert v[key] == pytest.approx(s[key], rel=1e-6), (POINTS[i], key)
-    point = jax.tree.map(lambda x: x[i], stacked)
-    for path, a, b in zip(rules.leaf_paths(trainable), jax.tree.leaves(point),
-                          jax.tree.leaves(trainable)):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{POINTS[i]} {path}")
-    with open(os.path.join(base, f"v_lr{POINTS[i][0]}_wd{POINTS[i][1]}", "results.json")) as f:
-      assert json.load(f)["config"]["optim"]["lr"] == POINTS[i][0]
+def _point(stacked, i):
+  return jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked))
+
+
+def test_map_batching_is_bit_identical_to_the_run(runs):
+  base, together, (single, trainable) = runs
+  results, stacked = together["map"]
+  for path, a, b in zip(rules.leaf_paths(trainable), _point(stacked, 1),
+                        jax.tree.leaves(trainable)):
+    np.testing.assert_array_equal(a, b, err_msg=path)
+  for key in ("val_top1", "test_top1", "best_val_top1", "val_loss", "test_loss",
+              "trainable_params", "steps"):
+    assert results[1][key] == single[key], key
+  with open(os.path.join(base, "map1", "results.json")) as f:
+    assert json.load(f)["config"]["optim"] == json.loads(json.dumps(single["config"]["optim"]))
+
+
+def test_vmap_batching_equals_the_runs_to_rounding(runs):
+  _, together, (single, _) = runs
+  (vmapped, v_stacked), (mapped, m_stacked) = together["vmap"], together["map"]
+  for i in range(len(POINTS)):  # map is each point's own run (above)
+    for a, b in zip(_point(v_stacked, i), _point(m_stacked, i)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=str(POINTS[i]))
+    assert vmapped[i]["val_top1"] == mapped[i]["val_top1"]
+    assert vmapped[i]["test_top1"] == mapped[i]["test_top1"]
+    assert vmapped[i]["val_loss"] == pytest.approx(mapped[i]["val_loss"], rel=1e-6)
+  assert vmapped[1]["test_top1"] == single["test_top1"]
   # The points really differ (a grid of identical runs would pass the above trivially).
-  heads = [np.asarray(jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked))[-1])
-           for i in range(len(POINTS))]
-  assert min(np.abs(a - b).max() for a in heads for b in heads if a is not b) > 1e-3
+  a, b = (_point(v_stacked, i)[-1] for i in range(2))
+  assert np.abs(a - b).max() > 1e-3
 
 
-def test_map_batching_is_bit_identical_to_the_runs(runs):
-  _, _, _, mapped, single = runs
-  for i, (_, trainable) in enumerate(single):
-    point = jax.tree.map(lambda x: x[i], mapped)
-    for path, a, b in zip(rules.leaf_paths(trainable), jax.tree.leaves(point),
-                          jax.tree.leaves(trainable)):
-      np.testing.assert_array_equal(a, b, err_msg=f"{POINTS[i]} {path}")
+def test_mlp_head_grid_is_bit_identical_with_map(tmp_path):
+  """MLP-k (a 2-layer head on the cached features) qualifies too."""
+  (_, r), stacked = grid.train_grid(
+      demo.get_config(f"mlp-2,{FAST}"),
+      [(lr, wd, str(tmp_path / f"g{i}")) for i, (lr, wd) in enumerate(POINTS)],
+      return_trainable=True, batching="map")
+  lr, wd = POINTS[1]
+  single = loop.train_and_evaluate(demo.get_config(f"mlp-2,{FAST},optim.lr={lr},optim.wd={wd}"),
+                                   str(tmp_path / "single"))
+  trainable = workdir_lib.load_tuned(str(tmp_path / "single")).split()[0]
+  assert r["val_top1"] == single["val_top1"]
+  assert r["trainable_params"] == single["trainable_params"] > 64 * 10 + 10  # more than linear
+  for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[1], stacked)),
+                  jax.tree.leaves(trainable)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_prompt_protocols_are_refused(tmp_path):
