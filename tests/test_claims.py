@@ -191,3 +191,12 @@ def test_the_sweep_command_honours_shard(setup):
 def test_bad_shard_flags_are_named(text, match):
   with pytest.raises(ValueError, match=f"--shard='{text}': {match}"):
     claims.parse_shard(text)
+
+
+def test_a_results_file_being_written_is_not_finished(tmp_path):
+  """Another job may read results.json mid-write (the race 8 concurrent claimers hit): a run
+  whose results do not parse is unfinished, not an error."""
+  (tmp_path / "results.json").write_text('{"val_top1": 0.')
+  assert sweeps._finished(str(tmp_path)) is None  # pylint: disable=protected-access
+  (tmp_path / "results.json").write_text('{"val_top1": 0.5}')
+  assert sweeps._finished(str(tmp_path)) == {"val_top1": 0.5}  # pylint: disable=protected-access

@@ -200,8 +200,9 @@ def train_grid(config: ml_collections.ConfigDict, points: Sequence[Tuple[float, 
                                                        "lr": c.optim.lr, "wd": c.optim.wd}},
       })
       workdir_lib.write_config(wd_dir, ml_collections.ConfigDict(results["config"]))
-      with open(os.path.join(wd_dir, "results.json"), "w") as f:
+      with open(os.path.join(wd_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2, default=str)
+      os.replace(os.path.join(wd_dir, "results.json.tmp"), os.path.join(wd_dir, "results.json"))
       out.append(results)
     run.say(f"vmapped grid: {n} points trained together in {wall:.1f} s")
     return (out, jax.device_get(states.trainable)) if return_trainable else out

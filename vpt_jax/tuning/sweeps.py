@@ -88,8 +88,11 @@ def run(config_path: str, workdir: str, arms: Sequence[str] | None = None) -> Li
 def _finished(workdir: str) -> Dict | None:
   path = os.path.join(workdir, "results.json")
   if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except json.JSONDecodeError:
+      return None  # being written by another job, or cut short by a crash: not finished
   return None
 
 
