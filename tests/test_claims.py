@@ -200,3 +200,17 @@ def test_a_results_file_being_written_is_not_finished(tmp_path):
   assert sweeps._finished(str(tmp_path)) is None  # pylint: disable=protected-access
   (tmp_path / "results.json").write_text('{"val_top1": 0.5}')
   assert sweeps._finished(str(tmp_path)) == {"val_top1": 0.5}  # pylint: disable=protected-access
+
+
+def test_a_claim_of_an_exited_but_unreaped_process_is_stale(tmp_path):
+  """A crashed job whose parent has not reaped it yet (a zombie) holds nothing: otherwise its
+  siblings wait on it until the parent's wait (seen with 8 forked claimers)."""
+  child = subprocess.Popen([sys.executable, "-c", "pass"])
+  path = str(tmp_path / "run.claim")
+  with open(path, "w") as f:
+    json.dump({"token": "t", "host": socket.gethostname(), "pid": child.pid}, f)
+  deadline = time.time() + 30
+  while not claims.is_stale(path) and time.time() < deadline:
+    time.sleep(0.05)  # until the child has exited (not reaped: no wait() yet)
+  assert claims.is_stale(path)
+  child.wait()

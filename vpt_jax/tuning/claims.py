@@ -37,13 +37,18 @@ def _read(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _pid_alive(pid: int) -> bool:
+  """Whether process `pid` of this host runs (a zombie, exited but not yet reaped, does not)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True
-  return True
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True  # no /proc (macOS): kill(pid, 0) is all there is
 
 
 def _staleness(path: str, stale_after_s: float) -> tuple[bool, Optional[str]]:
