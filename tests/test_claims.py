@@ -18,6 +18,9 @@ import pytest
 from conftest import ROOT
 from vpt_jax.tuning import claims, sweeps
 
+# The claimers are forked from this JAX-initialised process; they never call JAX.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
 CONFIG = '''
 import ml_collections
 LR_GRID = (1.0, 2.0, 4.0)
