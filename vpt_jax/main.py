@@ -28,6 +28,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods and "
     "GPU clusters); each host then feeds its own share of every batch.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --jax_distributed: host:port of process 0 (default: "
+    "detected on TPU pods, SLURM, Open MPI and other clusters JAX knows).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --jax_distributed: the number of processes (default: detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --jax_distributed: this process's index (default: detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,10 +58,23 @@ def parse_flags(argv):
   sys.exit(2)
 
 
+def distributed_setup(coordinator_address: str | None, num_processes: int | None,
+                      process_id: int | None) -> None:
+  """jax.distributed.initialize, with CPU collectives over gloo (without them a CPU-only
+  multi-process run cannot all-reduce; TPU and GPU backends ignore the option)."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
 def main(argv) -> None:
   utils.command_setup(argv)
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    distributed_setup(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif any(f.present for f in (flags.FLAGS[n] for n in ("coordinator_address", "num_processes",
+                                                        "process_id"))):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
+                         "--jax_distributed")
   try:
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except workdir_lib.SaveFailed as e:

@@ -9,6 +9,8 @@ batches are prefetched. With several hosts, each one produces only its rows of e
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Dict, Iterator
 
 import ml_collections
@@ -17,6 +19,10 @@ import tensorflow as tf
 
 from vpt_jax.data.split import Split, eval_order, train_order
 
+# Debug: with this variable set to a directory, each process appends the example indices of its
+# rows of every training batch to <dir>/rows.<process_index>.jsonl (the multi-process test reads
+# them to prove that the hosts' rows are disjoint and make up the global batch).
+ROWS_LOG_ENV = "VPT_JAX_LOG_ROWS"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROPS = ("resize", "resize_crop")
@@ -82,6 +88,7 @@ class Pipeline:
     self.batch_size = batch_size
     self.local = batch_size // process_count
     self.offset = process_index * self.local
+    self.process_index = process_index
     self.seed = seed
     self._images = tf.constant(split.images) if not split.encoded else tf.constant(
         list(split.images), tf.string)
@@ -147,10 +154,21 @@ class Pipeline:
       order, mask = train_order(self.epoch_order(epoch), b)
       positions = epoch * len(self.split) + np.arange(len(order))
       sl = slice(skip * b, spe * b)
+      self._log_rows(epoch * spe + skip, self._local_rows(order[sl]))
       ds = self._dataset(self._local_rows(order[sl]), self._local_rows(positions[sl]),
                          self._local_rows(mask[sl]))
       yield from ds.as_numpy_iterator()
       epoch, skip = epoch + 1, 0
+
+  def _log_rows(self, first_step: int, rows: np.ndarray) -> None:
+    """Appends {step: this process's example indices} per step (only with ROWS_LOG_ENV set)."""
+    where = os.environ.get(ROWS_LOG_ENV)
+    if not where:
+      return
+    os.makedirs(where, exist_ok=True)
+    with open(os.path.join(where, f"rows.{self.process_index}.jsonl"), "a") as f:
+      for i, r in enumerate(rows.reshape(-1, self.local)):
+        f.write(json.dumps({"step": first_step + i, "rows": r.tolist()}) + "\n")
 
   def eval_batches(self) -> Iterator[Dict[str, np.ndarray]]:
     """One pass in order; the last global batch is padded and carries mask 0 on the padding."""

@@ -256,8 +256,11 @@ def evaluate(run: Run, writer: MetricWriter, eval_step: Callable) -> Dict[str, f
 def _write_results(run: Run, results: Dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  with open(os.path.join(run.workdir, "results.json"), "w") as f:
+  # Written whole, then renamed: another job of a split protocol may read it at any moment.
+  tmp = os.path.join(run.workdir, "results.json.tmp")
+  with open(tmp, "w") as f:
     json.dump(results, f, indent=2, default=str)
+  os.replace(tmp, os.path.join(run.workdir, "results.json"))
   run.say("results: " + ", ".join(f"{k} {results[k]:.4f}" for k in ("val_top1", "test_top1")
                                   if k in results))
 

@@ -18,6 +18,19 @@ E2VPT also tunes its key-value prompt length: a KV_LENGTH_GRID (or `kv_length_gr
 search the same way (`grid/p{p}_kv{k}_lr{lr}_wd{wd}`; ties to fewer key-value prompts).
 Everything is resumable: a finished run (with results.json) is never rerun, an interrupted one
 continues from its checkpoint.
+
+Split across jobs (`vpt_jax.sweep --shard=i/n` or `--claim`), the same command runs in many jobs
+at once on a shared workdir. shard=(i, n): the job runs every n-th run of each phase (grid, then
+finals) from the i-th; a phase whose other shares are not finished yet ends the job, and running
+any shard again once they are continues with the next phase (protocol.json is written by the job
+that sees every final run finished). claim=True: each job claims runs one at a time
+(`vpt_jax.tuning.claims`: atomic claim files, taken over from dead jobs), waits for the runs other
+jobs hold, then goes on to the next phase; every job ends with the same protocol.json.
+
+Head-only protocols (linear, MLP-k) on cached features can train the whole grid at once
+(`grid_batching='vmap'` or 'map', `vpt_jax.tuning.grid`; opt-in): the grid's unfinished points
+are trained together and write the results.json their runs would, then the protocol goes on as
+usual (the final runs are ordinary runs).
 """
 
 from __future__ import annotations
@@ -25,9 +38,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from typing import Dict, List, Sequence
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from vpt_jax.tuning import loop, seg_loop
+from vpt_jax.tuning import claims, grid as grid_lib, loop, seg_loop
 
 
 def load_config_module(path: str):
@@ -74,14 +88,66 @@ def run(config_path: str, workdir: str, arms: Sequence[str] | None = None) -> Li
 def _finished(workdir: str) -> Dict | None:
   path = os.path.join(workdir, "results.json")
   if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except json.JSONDecodeError:
+      return None  # being written by another job, or cut short by a crash: not finished
   return None
 
 
+def _phase(workdir: str, subs: List[str], start: Callable[[str], Dict], *,
+           shard: Optional[Tuple[int, int]], claim: bool, poll_s: float,
+           stale_after_s: float) -> Optional[Dict[str, Dict]]:
+  """Runs this job's share of a phase's runs (all of them without shard or claim) and returns
+  every run's results, or None when runs of other shards are not finished yet."""
+  done: Dict[str, Dict] = {}
+  if not claim:
+    for i, sub in enumerate(subs):
+      if shard is None or i % shard[1] == shard[0]:
+        done[sub] = start(sub)
+      elif (r := _finished(os.path.join(workdir, sub))) is not None:
+        done[sub] = r
+    return done if len(done) == len(subs) else None
+  while True:
+    for sub in subs:
+      if sub in done:
+        continue
+      if (r := _finished(os.path.join(workdir, sub))) is not None:
+        done[sub] = r
+        continue
+      held = claims.try_claim(os.path.join(workdir, sub) + ".claim", stale_after_s)
+      if held is None:
+        continue  # another live job runs it
+      try:
+        done[sub] = start(sub)  # finished meanwhile: start() returns its results, not rerun
+      finally:
+        held.release()
+    if len(done) == len(subs):
+      return done
+    print(f"=== waiting for {len(subs) - len(done)} runs other jobs hold ===", flush=True)
+    time.sleep(poll_s)
+
+
 def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_grid=None,
-                 seeds=None, length_grid=None, kv_length_grid=None) -> Dict:
-  """The paper's protocol for one task; see the module docstring."""
+                 seeds=None, length_grid=None, kv_length_grid=None,
+                 shard: Optional[Tuple[int, int]] = None, claim: bool = False,
+                 run_fn: Optional[Callable[..., Dict]] = None, poll_s: float = 30.0,
+                 stale_after_s: float = claims.STALE_AFTER_S,
+                 grid_batching: Optional[str] = None) -> Optional[Dict]:
+  """The paper's protocol for one task; see the module docstring. Returns the summary, or None
+  when this shard's share is done and other shards' runs are still missing.
+
+  run_fn(config, workdir) -> results trains one run (default `loop.train_and_evaluate`).
+  """
+  if shard is not None and claim:
+    raise ValueError("--shard and --claim are alternatives: use one")
+  if shard is not None and not 0 <= shard[0] < shard[1]:
+    raise ValueError(f"--shard={shard[0]}/{shard[1]}: need 0 <= i < n")
+  if grid_batching and (shard is not None or claim):
+    raise ValueError("--grid_batching trains the whole grid in one job: use it without --shard "
+                     "or --claim")
+  run_fn = run_fn or loop.train_and_evaluate
   module = load_config_module(config_path)
   lengths = [int(x) for x in (length_grid or getattr(module, "PROMPT_LENGTH_GRID", ()) or ())]
   kv_lengths = [int(x) for x in (kv_length_grid or getattr(module, "KV_LENGTH_GRID", ()) or ())]
@@ -91,15 +157,17 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
   seeds = [int(x) for x in (seeds or module.SEEDS)]
   batch = module.get_config(arg).batch_size  # also checks the argument before any training
   prefix = f"{arg}," if arg else ""
+  split = dict(shard=shard, claim=claim, poll_s=poll_s, stale_after_s=stale_after_s)
+  extras: Dict[str, str] = {}
 
-  def run(sub: str, extra: str) -> Dict:
+  def run(sub: str) -> Dict:
     d = os.path.join(workdir, sub)
     done = _finished(d)
     if done is not None:
       print(f"=== {sub}: finished earlier, not rerun ===", flush=True)
       return done
     print(f"=== {sub} ===", flush=True)
-    return loop.train_and_evaluate(module.get_config(prefix + extra), d)
+    return run_fn(module.get_config(prefix + extras[sub]), d)
 
   def prompt_shape(g: Dict) -> tuple:
     """(directory prefix, config overrides) of a grid point's prompt lengths."""
@@ -108,26 +176,47 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
     extra = "".join(f",prompt.{key}={g[key]}" for key in ("length", "kv_length") if key in g)
     return name, extra
 
-  grid = []
+  points = {}
   for p in lengths or [None]:
     for k in kv_lengths or [None]:
       shape = {key: v for key, v in (("length", p), ("kv_length", k)) if v is not None}
       name, extra = prompt_shape(shape)
       for lr in lr_grid:
         for wd in wd_grid:
-          r = run(f"grid/{name}lr{lr:g}_wd{wd:g}",
-                  f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}{extra}")
-          if r.get("val_top1") is None:
-            raise ValueError(f"{config_path}:{arg} has no validation split to select on")
-          grid.append({"lr": lr, "wd": wd, "val_top1": r["val_top1"]} | shape)
+          sub = f"grid/{name}lr{lr:g}_wd{wd:g}"
+          extras[sub] = f"optim.lr={lr * batch / 256!r},optim.wd={wd!r}{extra}"
+          points[sub] = {"lr": lr, "wd": wd} | shape
+  if grid_batching:
+    shapes: Dict[str, List[str]] = {}
+    for sub in points:
+      if _finished(os.path.join(workdir, sub)) is None:
+        shapes.setdefault(prompt_shape(points[sub])[0], []).append(sub)
+    for subs in shapes.values():
+      print(f"=== grid: {len(subs)} points trained together ({grid_batching}) ===", flush=True)
+      grid_lib.train_grid(
+          module.get_config(prefix + extras[subs[0]]),
+          [(points[sub]["lr"] * batch / 256, points[sub]["wd"], os.path.join(workdir, sub))
+           for sub in subs], scratch=os.path.join(workdir, "grid", "_together"),
+          batching=grid_batching)
+  done = _phase(workdir, list(points), run, **split)
+  if done is None:
+    return _incomplete("grid", shard)
+  grid = []
+  for sub, point in points.items():
+    if done[sub].get("val_top1") is None:
+      raise ValueError(f"{config_path}:{arg} has no validation split to select on")
+    grid.append({"lr": point["lr"], "wd": point["wd"], "val_top1": done[sub]["val_top1"]}
+                | {k: v for k, v in point.items() if k not in ("lr", "wd")})
   best = max(grid, key=lambda g: (g["val_top1"], -g["lr"], -g.get("length", 0),
                                   -g.get("kv_length", 0)))
-  finals = []
   for seed in seeds:
-    extra = prompt_shape(best)[1]
-    r = run(f"final/seed{seed}", f"final,optim.lr={best['lr'] * batch / 256!r},"
-                                 f"optim.wd={best['wd']!r},seed={seed}{extra}")
-    finals.append({"seed": seed, "test_top1": r["test_top1"], "results": r})
+    extras[f"final/seed{seed}"] = (f"final,optim.lr={best['lr'] * batch / 256!r},"
+                                   f"optim.wd={best['wd']!r},seed={seed}{prompt_shape(best)[1]}")
+  done = _phase(workdir, [f"final/seed{seed}" for seed in seeds], run, **split)
+  if done is None:
+    return _incomplete("final", shard)
+  finals = [{"seed": seed, "test_top1": done[f"final/seed{seed}"]["test_top1"],
+             "results": done[f"final/seed{seed}"]} for seed in seeds]
   tops = [f["test_top1"] for f in finals]
   summary = {
       "config": f"{config_path}:{arg}", "lr_grid_per_256": lr_grid, "wd_grid": wd_grid,
@@ -139,9 +228,18 @@ def run_protocol(config_path: str, arg: str, workdir: str, *, lr_grid=None, wd_g
           (sum((t - sum(tops) / len(tops)) ** 2 for t in tops) / len(tops)) ** .5),
       "results": finals[0]["results"],  # config, parameter counts (the same for every seed)
   }
-  with open(os.path.join(workdir, "protocol.json"), "w") as f:
+  # Several jobs may end here at once: each writes the same summary, renamed into place whole.
+  tmp = os.path.join(workdir, f"protocol.json.{os.getpid()}.tmp")
+  with open(tmp, "w") as f:
     json.dump(summary, f, indent=2, default=str)
+  os.replace(tmp, os.path.join(workdir, "protocol.json"))
   print(f"best lr {best['lr']:g} (per 256) wd {best['wd']:g}: val {100 * best['val_top1']:.1f}; "
         f"test {100 * summary['test_top1_mean']:.2f} +- {100 * summary['test_top1_std']:.2f} "
         f"over seeds {seeds}", flush=True)
   return summary
+
+
+def _incomplete(phase: str, shard: Tuple[int, int]) -> None:
+  print(f"=== shard {shard[0]}/{shard[1]}: its {phase} runs are finished, other shards' are not; "
+        f"run any shard again once they are to continue ===", flush=True)
+  return None

@@ -141,9 +141,16 @@ class Checkpointer:
       # is the one this run recomputed (the run is deterministic), so it is kept, not rewritten.
       if step not in self.last.all_steps():
         self.last.save(step, args=self._args(state), force=True)
+      if jax.process_count() > 1:
+        # Several processes: one manager's async save at a time. Two in flight at once (last and
+        # best at the same step) can pair one manager's cross-process barrier with the other's,
+        # and orbax then finalizes before every process has written (seen with 2 CPU processes).
+        self.last.wait_until_finished()
       if val_top1 is not None and step not in self.best.all_steps():
         self.best.save(step, args=self._args(state), metrics={"val_top1": float(val_top1)},
                        force=True)
+      if jax.process_count() > 1:
+        self.best.wait_until_finished()
       self.last.check_for_errors()
       self.best.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except; any failure of a save ends the run.
