@@ -120,8 +120,9 @@ def load_any(spec: str, *, family: str = "auto", image_size: Optional[int] = Non
                                     num_classes=num_classes, **vit_kwargs)
   from vpt_jax.weights import torch_convnets, torch_swin  # pylint: disable=g-import-not-at-top
   if not image_size:
-    raise ValueError(f"{path}: a {family} backbone needs model.image_size > 0 (the file does not "
-                     "store the resolution; the published files are 224)")
+    raise ValueError(f"{path}: model.image_size={image_size or 0} does not apply to a {family} "
+                     "backbone: its file does not store the input size; set it (224 for the "
+                     "published files)")
   size = tuple(as_pair(image_size))
   if family == "swin":
     dtype = vit_kwargs.get("dtype", jnp.float32)
