@@ -17,8 +17,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from vpt_jax.models.swin import SwinTransformer
 from vpt_jax.models.vit import VisionTransformer, as_pair
-from vpt_jax.weights import npz, torch_vit, zoo
+from vpt_jax.weights import npz, torch_convnets, torch_swin, torch_vit, zoo
 from vpt_jax.weights.download import CheckpointError, resolve
 from vpt_jax.weights.torch import read_state_dict
 
@@ -118,7 +119,6 @@ def load_any(spec: str, *, family: str = "auto", image_size: Optional[int] = Non
   if family in TRAINER_FAMILIES:
     return family, *_vit_from_state(state, family, path, image_size=image_size,
                                     num_classes=num_classes, **vit_kwargs)
-  from vpt_jax.weights import torch_convnets, torch_swin  # pylint: disable=g-import-not-at-top
   if not image_size:
     raise ValueError(f"{path}: model.image_size={image_size or 0} does not apply to a {family} "
                      "backbone: its file does not store the input size; set it (224 for the "
@@ -128,7 +128,6 @@ def load_any(spec: str, *, family: str = "auto", image_size: Optional[int] = Non
     dtype = vit_kwargs.get("dtype", jnp.float32)
     cfg = torch_swin.config_from_state_dict(state, image_size=size, source=path)
     cfg["num_classes"] = num_classes
-    from vpt_jax.models.swin import SwinTransformer  # pylint: disable=g-import-not-at-top
     model = SwinTransformer(**cfg)
     params = torch_swin.convert_state_dict(state, model, head=False, source=path)
     variables = {"params": params}
