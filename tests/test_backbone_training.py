@@ -7,6 +7,8 @@ accuracy rises above the start of a zero head (every logit equal -> class 0 for 
 runs use `model.head_init=zeros` for that reason).
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -142,7 +144,7 @@ OTHER = {
     "convnext": "vpt-shallow,model.image_size=32,prompt.location=pad,prompt.length=4",
     "resnet": "vpt-shallow,model.image_size=32,prompt.location=pad,prompt.length=4",
 }
-OTHER_FAST = ("model.head_init=zeros,data.normalization=imagenet,data.test_split=,"
+OTHER_FAST = ("model.head_init=zeros,data.normalization=imagenet,data.test_split=val200,"
               "optim.name=adamw,optim.lr=0.01,optim.wd=0,optim.epochs=1,optim.warmup_epochs=0,"
               "eval_every_epochs=1,log_every_steps=100")
 
@@ -206,6 +208,24 @@ def test_other_family_trainer_run_improves_validation_accuracy(other_run):
   fp = start.fingerprint()
   assert fp["model"]["family"] == family and fp["prompt_hooks"]
   assert fp["backbone_sha256"] == download.file_sha256(data_path(FILES[family]))
+
+
+def test_other_family_report_and_plots(other_run, tmp_path):
+  """The report names the backbone and the method; curves for every family, the frozen backbone
+  of the t-SNE panel, attention refused (no class token)."""
+  from vpt_jax.analysis import plots, report
+  family, wd, _ = other_run
+  md = report.tables([report.load_record(wd)])["markdown"]
+  assert os.path.basename(FILES[family]) in md
+  assert ("E2VPT" if family == "swin" else "VPT-pad") in md
+  png = plots.curves_figure(wd, str(tmp_path / "curves.png"))
+  assert os.path.getsize(png) > 1000
+  # t-SNE's frozen panel: the published backbone of the family, no prompts (a t-SNE run itself
+  # costs ~30 s here, and its code path is the ViTs' one: tests/test_plots.py).
+  frozen, _ = plots.frozen_backbone(workdir_lib.read_config(wd))
+  assert families.family_of(frozen) == family and families.prompt_fingerprint(frozen) is None
+  with pytest.raises(ValueError, match=f"a {family} backbone has no class token"):
+    plots.attention_figure(wd, str(tmp_path / "attention.png"), split="val200")
 
 
 @pytest.mark.parametrize("family", ["swin", "convnext", "resnet"])
