@@ -27,6 +27,7 @@ import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from vpt_jax import utils
@@ -72,8 +73,6 @@ def check_config(config: ml_collections.ConfigDict, family: str) -> None:
   if _VIT_ONLY_PROTOCOLS.fullmatch(config.protocol):
     _refuse("protocol", config.protocol, family, "its modules hook into ViT encoder layers; use "
             "linear, partial-k, bias, full, vpt or vpt+bias")
-  if "modules" in config and config.trainable and any("modules/" in t for t in config.trainable):
-    _refuse("trainable", tuple(config.trainable), family, "it has no 'modules' collection")
   if m.image_size <= 0:
     _refuse("model.image_size", m.image_size, family,
             "its file does not store the input size; set it (224 for the published files)")
@@ -140,7 +139,7 @@ def attach_prompts(config: ml_collections.ConfigDict, family: str, model: Any,
     return model, {**variables, "prompts": swin_prompts.init_prompts(model, rng)}
   size = model.image_size
   model = model.clone(pad_tokens=p.length, pad_init="random")
-  images = jax.numpy.zeros((1, *size, 3), jax.numpy.float32)
+  images = jnp.zeros((1, *size, 3), jnp.float32)
   init = jax.jit(lambda r: model.init(r, images)["prompts"])(rng)
   return model, {**variables, "prompts": init}
 
