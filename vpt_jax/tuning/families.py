@@ -87,7 +87,7 @@ def check_config(config: ml_collections.ConfigDict, family: str) -> None:
                   ("kv_deep", True), ("init", "uniform")):
     if p[key] != ok:
       _refuse(f"prompt.{key}", p[key], family,
-              "an option of the ViT prompt code only (README 'Status', other backbones)")
+              "an option of the ViT prompt code only (README, 'PyTorch backbones')")
   if family in CONVNETS:
     _check_convnet(config, family)
   else:
