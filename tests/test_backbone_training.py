@@ -208,6 +208,12 @@ def test_other_family_trainer_run_improves_validation_accuracy(other_run):
   fp = start.fingerprint()
   assert fp["model"]["family"] == family and fp["prompt_hooks"]
   assert fp["backbone_sha256"] == download.file_sha256(data_path(FILES[family]))
+  # Another family's file under the same options: the fingerprint names what differs.
+  other = {"swin": "convnext", "convnext": "resnet", "resnet": "convnext"}[family]
+  moved = other_cfg(other, "protocol=linear,prompt.length=0,prompt.kv_length=0,"
+                           "model.num_classes=10")
+  diff = "; ".join(build.describe_difference(fp, build.build(moved).fingerprint()))
+  assert "backbone_sha256" in diff and f"model.family: saved '{family}', now '{other}'" in diff
 
 
 def test_other_family_report_and_plots(other_run, tmp_path):
