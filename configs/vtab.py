@@ -23,8 +23,12 @@ label transforms are one table: `vpt_jax.data.vtab.TASKS`.
 Backbone flags (VPT Table 4): `mae` (MAE ViT-B/16) or `moco` (MoCo v3 ViT-B/16 linear-eval file),
 e.g. `configs/vtab.py:cifar100,mae`. They read the PyTorch files (zoo names in BACKBONES) with
 ImageNet mean/std inputs, as those were trained and as the official code feeds them; `lr_grid(arg)`
-gives the official grid for the flag and protocol (`linear_mae` adds three small rates). Swin,
-ConvNeXt and ResNet are not trained by `vpt_jax.main` yet (README, Status).
+gives the official grid for the flag and protocol (`linear_mae` adds three small rates).
+`swin` (Swin-B 22k, VPT Table 2: prompts in every window, pooled with the patches as the official
+code), `convnext` (ConvNeXt-B 22k) and `resnet` (ResNet-50 1k; VPT Table 5: the prompt is a
+learnable border of `prompt.length` pixels, `prompt.location=pad`, 5 = the official NUM_TOKENS
+default; ConvNets tune over the official `prompt_resnet` grid) read their PyTorch files the same
+way; `vpt_jax.tuning.families` says which options apply to which family.
 """
 
 import ml_collections
@@ -41,15 +45,23 @@ PROMPT_LENGTH_GRID = (1, 5, 10, 50, 100, 200)
 # Official `get_lrwd_range` grids of the other backbones (per 256 images).
 LINEAR_MAE_LR_GRID = LR_GRID + (0.025, 0.005, 0.0025)      # 'linear_mae': linear on MAE / MoCo
 PROMPT_RESNET_LR_GRID = (5, 2.5, 1, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01)   # ConvNets, pad prompts
-BACKBONES = {"mae": "mae-vit-b16", "moco": "mocov3-vit-b16"}   # flag -> zoo name (PyTorch file)
+BACKBONES = {"mae": "mae-vit-b16", "moco": "mocov3-vit-b16",   # flag -> zoo name (PyTorch file)
+             "swin": "swin-b-22k", "convnext": "convnext-b-22k", "resnet": "resnet50-1k"}
+CONVNETS = ("convnext", "resnet")
+CONVNET_PAD = 5   # pad width in pixels: the official MODEL.PROMPT.NUM_TOKENS default
+# Full fine-tuning excludes biases and norm parameters from weight decay (common.full); these are
+# the norm scales of Swin (norm, norm1, norm2) and the ConvNets (norm, stem_norm, bn1, ...).
+OTHER_NORM_SCALES = r".*/(norm\d?|\w+_norm|bn\d|downsample_bn)/scale"
 FLAGS = ("final", "folder", "e2vpt", "paper", "full") + tuple(BACKBONES)
 
 
 def lr_grid(arg=None):
   """The official lr grid for this argument's backbone and protocol (`vpt_jax.sweep`)."""
   c = get_config(arg)
-  if c.model.checkpoint in BACKBONES.values() and c.protocol == "linear":
+  if c.model.checkpoint in (BACKBONES["mae"], BACKBONES["moco"]) and c.protocol == "linear":
     return LINEAR_MAE_LR_GRID
+  if c.model.checkpoint in (BACKBONES[n] for n in CONVNETS) and c.protocol == "vpt":
+    return PROMPT_RESNET_LR_GRID
   return LR_GRID
 
 
@@ -90,7 +102,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if backbone:  # the PyTorch ViTs: no representation layer; ImageNet-normalised inputs
     c.model.checkpoint, c.model.drop_pre_logits = BACKBONES[backbone[0]], False
     c.data.normalization = "imagenet"
-    if backbone[0] == "mae":  # VPT's MAE pools prompts and patches together (global_pool)
+    if backbone[0] in ("mae", "swin"):  # VPT's MAE and Swin pool prompts with the patches
       c.prompt.pool = "all"
+    if backbone[0] in CONVNETS:  # VPT's pad prompt: a learnable border around the image
+      c.prompt.location, c.prompt.deep = "pad", False
+      c.prompt.length = CONVNET_PAD if c.prompt.length else 0
+    if backbone[0] in ("swin",) + CONVNETS and "full" in names:
+      c.optim.wd_exclude = tuple(c.optim.wd_exclude) + (OTHER_NORM_SCALES,)
   common.apply_arg(c, overrides)
   return c

@@ -1,4 +1,4 @@
-"""The trainer on the PyTorch backbones: MAE / MoCo v3 ViTs end to end, the others refused.
+"""The trainer on the PyTorch backbones: MAE / MoCo v3 ViTs, Swin, ConvNeXt and ResNet end to end.
 
 The backbones are the tiny random-weight fixtures of tests/data/backbones, in their original
 PyTorch containers (MAE `{'model': ...}` zip, MoCo `{'state_dict': {'module.…'}}`), trained on the
@@ -7,6 +7,8 @@ accuracy rises above the start of a zero head (every logit equal -> class 0 for 
 runs use `model.head_init=zeros` for that reason).
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from configs import demo
 from conftest import data_path
 from vpt_jax.data import pipeline, sources
-from vpt_jax.tuning import build, cache, loop, rules
+from vpt_jax.tuning import build, cache, families, loop, rules, steps
 from vpt_jax.tuning import workdir as workdir_lib
 from vpt_jax.weights import backbones, download
 from vpt_jax.weights.torch import read_state_dict
@@ -33,7 +35,8 @@ def cfg(family, arm="vpt-deep", extra=""):
 def val_top1(model, variables, config):
   """Top-1 on the validation split, computed here (not by the trainer)."""
   val = sources.load_splits(config.data, [config.data.val_split])[config.data.val_split]
-  pipe = pipeline.Pipeline(val, pipeline.make_preprocess(config.data, 32, False),
+  size = model.image_size[0]
+  pipe = pipeline.Pipeline(val, pipeline.make_preprocess(config.data, size, False),
                            batch_size=64, seed=0)
   apply = jax.jit(model.apply)
   correct = n = 0.0
@@ -116,14 +119,6 @@ def test_entering_at_a_later_layer_computes_the_same_logits(family):
   assert np.abs(np.asarray(full)).max() > 0.1
 
 
-@pytest.mark.parametrize("family", ["convnext", "resnet", "swin"])
-def test_non_vit_backbones_are_refused_with_the_loader_to_use(tmp_path, family):
-  config = cfg(family, "linear")
-  with pytest.raises(ValueError, match=rf"a {family} checkpoint.*weights\.torch_"):
-    loop.train_and_evaluate(config, str(tmp_path / "run"))
-
-
-
 def test_serving_refuses_the_official_mae_pooling_and_serves_moco():
   """MAE as VPT pools it (prompts and patches, prompt.pool='all') is not a mixed-batch plan."""
   from vpt_jax import prompts, serving
@@ -140,84 +135,222 @@ def test_serving_refuses_the_official_mae_pooling_and_serves_moco():
 
 
 # ------------------------------------------------------------------------------------------------
-# Swin, ConvNeXt and ResNet are not trained by `vpt_jax.main` (refused above); their prompts and
-# head are trained here by a plain optax loop on the same digits data, which shows the models,
-# prompts and data fit together, not the trainer.
+# Swin, ConvNeXt and ResNet through the same trainer (`vpt_jax.tuning.families`): VPT-deep with
+# E2VPT key-value prompts on the Swin fixture (48px: every stage's grid divides into its 3x3
+# windows), VPT's pad prompt on the ConvNets; Adam, so one epoch suffices.
+
+OTHER = {
+    "swin": "vpt-deep,model.image_size=48,prompt.length=4,prompt.kv_length=2",
+    "convnext": "vpt-shallow,model.image_size=32,prompt.location=pad,prompt.length=4",
+    "resnet": "vpt-shallow,model.image_size=32,prompt.location=pad,prompt.length=4",
+}
+OTHER_FAST = ("model.head_init=zeros,data.normalization=imagenet,data.test_split=val200,"
+              "optim.name=adamw,optim.lr=0.01,optim.wd=0,optim.epochs=1,optim.warmup_epochs=0,"
+              "eval_every_epochs=1,log_every_steps=100")
 
 
-def _digits(size):
-  config = demo.get_config("linear")
-  config.data.normalization = "imagenet"   # what these PyTorch backbones were trained on
-  splits = sources.load_splits(config.data, ["train800", "val200"])
-  out = {}
-  for name, split in splits.items():
-    pipe = pipeline.Pipeline(split, pipeline.make_preprocess(config.data, size, False),
-                             batch_size=100, seed=0)
-    batches = list(pipe.eval_batches())
-    out[name] = (np.concatenate([b["image"] for b in batches]),
-                 np.concatenate([b["label"] for b in batches]),
-                 np.concatenate([b["mask"] for b in batches]).astype(bool))
-  return out
+def other_cfg(family, extra=""):
+  arm, _, options = OTHER[family].partition(",")
+  base = f"model.checkpoint={data_path(FILES[family])}"
+  return demo.get_config(",".join(x for x in (arm, options, base, OTHER_FAST, extra) if x))
 
 
-def _family_model(family):
-  from vpt_jax.prompts import swin as swin_prompts
-  from vpt_jax.weights import torch_convnets, torch_swin
-  path = data_path(FILES[family])
-  if family == "swin":
-    model, params = torch_swin.load_pretrained(path, image_size=(48, 48), num_classes=10)
-    model = swin_prompts.attach(model, length=4, deep=True)
-    return model, {"params": params}, swin_prompts.init_prompts(model, jax.random.PRNGKey(0)), 48
-  convert = {"convnext": torch_convnets.convnext_from_torch,
-             "resnet": torch_convnets.resnet_from_torch}[family]
-  model, variables = convert(read_state_dict(path), path=path, pad_tokens=4)
-  model = model.clone(num_classes=10)   # a new head, as VPT builds it
-  init = model.init(jax.random.PRNGKey(0), np.zeros((1, 56, 56, 3), np.float32))
-  variables = dict(variables, params=dict(variables["params"], head=init["params"]["head"]))
-  return model, variables, init["prompts"], 56   # 56 + 2 * 4 = the fixtures' 64
+def trainer_val_top1(tuned, config):
+  """Validation top-1 of a reloaded run, by the trainer's own jitted eval step (same shardings,
+  same split into trainable and frozen: the compiled function is the trainer's, from the
+  persistent cache), so the figure must equal the trainer's exactly."""
+  replicated, batch = steps.mesh_shardings()
+  eval_step = jax.jit(steps.make_eval_step(tuned.model), in_shardings=(replicated, replicated,
+                                                                      batch),
+                      out_shardings=replicated)
+  trainable, frozen = rules.split(tuned.variables, tuned.mask)
+  val = sources.load_splits(config.data, [config.data.val_split])[config.data.val_split]
+  pipe = pipeline.Pipeline(val, pipeline.make_preprocess(config.data, tuned.model.image_size[0],
+                                                         False),
+                           batch_size=config.batch_size, seed=config.seed)
+  return steps.evaluate(eval_step, jax.device_put(trainable, replicated),
+                        jax.device_put(frozen, replicated), pipe, batch)["top1"]
+
+
+def zero_head_top1(config):
+  """Validation top-1 of a zero head: every logit equal -> class 0 for every image."""
+  val = sources.load_splits(config.data, [config.data.val_split])[config.data.val_split]
+  return float(np.mean(val.labels == 0))
+
+
+@pytest.fixture(scope="module", params=["swin", "convnext", "resnet"])
+def other_run(request, tmp_path_factory):
+  family = request.param
+  wd = str(tmp_path_factory.mktemp(f"run_{family}"))
+  return family, wd, loop.train_and_evaluate(other_cfg(family), wd)
+
+
+def test_other_family_trainer_run_improves_validation_accuracy(other_run):
+  family, wd, results = other_run
+  config = workdir_lib.read_config(wd)
+  before = zero_head_top1(config)
+  assert results["val_top1"] > before + 0.05, (family, before, results["val_top1"])
+  assert results["cached_features_layer"] is None   # prompts change the input: nothing cached
+  # The workdir reloads onto the original file and reproduces the trainer's figure.
+  tuned = workdir_lib.load_tuned(wd, which="last")
+  assert families.family_of(tuned.model) == family
+  assert trainer_val_top1(tuned, config) == results["val_top1"]
+  # The prompts trained (they differ from their seeded initial values), the backbone did not.
+  start = build.build(config)
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start.variables["prompts"]),
+                                                 jax.tree.leaves(tuned.variables["prompts"]))]
+  assert all(moved), moved
+  params = start.variables["params"]
+  for path, a, b in zip(rules.leaf_paths(params), jax.tree.leaves(params),
+                        jax.tree.leaves(tuned.variables["params"])):
+    if not path.startswith("head/"):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+  fp = start.fingerprint()
+  assert fp["model"]["family"] == family and fp["prompt_hooks"]
+  assert fp["backbone_sha256"] == download.file_sha256(data_path(FILES[family]))
+  # Another family's file under the same options: the fingerprint names what differs.
+  other = {"swin": "convnext", "convnext": "resnet", "resnet": "convnext"}[family]
+  moved = other_cfg(other, "protocol=linear,prompt.length=0,prompt.kv_length=0,"
+                           "model.num_classes=10")
+  diff = "; ".join(build.describe_difference(fp, build.build(moved).fingerprint()))
+  assert "backbone_sha256" in diff and f"model.family: saved '{family}', now '{other}'" in diff
+
+
+def test_other_family_report_and_plots(other_run, tmp_path):
+  """The report names the backbone and the method; curves for every family, the frozen backbone
+  of the t-SNE panel, attention refused (no class token)."""
+  from vpt_jax.analysis import plots, report
+  family, wd, _ = other_run
+  md = report.tables([report.load_record(wd)])["markdown"]
+  assert os.path.basename(FILES[family]) in md
+  assert ("E2VPT" if family == "swin" else "VPT-pad") in md
+  png = plots.curves_figure(wd, str(tmp_path / "curves.png"))
+  assert os.path.getsize(png) > 1000
+  # t-SNE's frozen panel: the published backbone of the family, no prompts (a t-SNE run itself
+  # costs ~30 s here, and its code path is the ViTs' one: tests/test_plots.py).
+  frozen, _ = plots.frozen_backbone(workdir_lib.read_config(wd))
+  assert families.family_of(frozen) == family and families.prompt_fingerprint(frozen) is None
+  with pytest.raises(ValueError, match=f"a {family} backbone has no class token"):
+    plots.attention_figure(wd, str(tmp_path / "attention.png"), split="val200")
 
 
 @pytest.mark.parametrize("family", ["swin", "convnext", "resnet"])
-def test_prompts_and_head_learn_digits_on_the_other_families(family):
-  import optax
-  model, frozen, prompts_, size = _family_model(family)
-  data = _digits(size)
-  head = frozen["params"]["head"]
-  frozen = dict(frozen, params={k: v for k, v in frozen["params"].items() if k != "head"})
+def test_other_family_linear_probe_runs_on_cached_pooled_features(tmp_path, family):
+  """Only the head trains: the pooled features are computed once per image and the steps apply
+  the head alone; the full model reloaded from the workdir gets the same validation figure."""
+  wd = str(tmp_path / "run")
+  results = loop.train_and_evaluate(other_cfg(family, "protocol=linear,prompt.length=0,"
+                                                      "prompt.kv_length=0"), wd)
+  config = workdir_lib.read_config(wd)
+  assert results["cached_features_layer"] == {"swin": 8, "convnext": 4, "resnet": 4}[family]
+  assert results["val_top1"] > zero_head_top1(config) + 0.05
+  tuned = workdir_lib.load_tuned(wd)
+  after = val_top1(tuned.model, tuned.variables, config)
+  assert abs(after - results["val_top1"]) <= 1 / 200 + 1e-9, (after, results["val_top1"])
 
-  def logits_fn(tr, images):
-    v = dict(frozen, prompts=tr["prompts"], params=dict(frozen["params"], head=tr["head"]))
-    return model.apply(v, images)
 
-  def loss_fn(tr, images, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(tr, images), labels).mean()
+# Parameter modules each protocol must train (prefixes of params/...), and must not.
+PROTOCOL_CASES = {
+    ("swin", "partial-1"): (["layers_3/blocks_1/", "norm/"], ["layers_3/blocks_0/",
+                                                              "layers_2/downsample/"]),
+    ("convnext", "partial-1"): (["stage4_0/", "norm/"], ["downsample3_conv/", "stage3_0/"]),
+    ("swin", "partial-3"): (["layers_2/blocks_1/", "layers_2/downsample/", "layers_3/blocks_0/",
+                             "norm/"], ["layers_2/blocks_0/"]),
+    ("convnext", "partial-2"): (["stage3_0/", "downsample3_norm/", "downsample3_conv/",
+                                 "stage4_0/", "norm/"], ["stage2_0/"]),
+    ("resnet", "partial-1"): (["layer4_0/"], ["layer3_0/"]),
+}
 
-  opt = optax.adam(1e-2)
-  tr = {"prompts": prompts_, "head": head}
-  st = opt.init(tr)
 
-  @jax.jit
-  def step(tr, st, images, labels):
-    g = jax.grad(loss_fn)(tr, images, labels)
-    upd, st = opt.update(g, st, tr)
-    return optax.apply_updates(tr, upd), st
+@pytest.mark.parametrize("family", ["swin", "convnext", "resnet"])
+def test_protocols_train_what_they_name_on_other_families(family):
+  partial = {"swin": "partial-3", "convnext": "partial-2", "resnet": "partial-1"}[family]
+  for protocol in ("linear", "bias", "full", "partial-1", partial):
+    config = other_cfg(family, f"protocol={protocol},prompt.length=0,prompt.kv_length=0")
+    config.model.num_classes = 10
+    built = build.build(config)
+    flat = list(zip(rules.leaf_paths(built.mask), jax.tree.leaves(built.mask)))
+    paths = [p for p, m in flat if m]
+    frozen = [p for p, m in flat if not m]
+    assert "params/head/kernel" in paths
+    assert not any(p.startswith("batch_stats/") for p in paths)   # frozen BatchNorm statistics
+    if protocol == "linear":
+      assert paths == ["params/head/bias", "params/head/kernel"]
+    elif protocol == "bias":
+      assert all(p.endswith("/bias") or p.startswith("params/head/") for p in paths)
+      assert not any(p.endswith("/bias") for p in frozen)
+    elif protocol == "full":
+      assert all(p.startswith("batch_stats/") for p in frozen)
+    else:
+      train, keep = PROTOCOL_CASES[(family, protocol)]
+      for prefix in train:
+        assert any(p.startswith("params/" + prefix) for p in paths), (protocol, prefix)
+      for prefix in keep:
+        assert not any(p.startswith("params/" + prefix) for p in paths), (protocol, prefix)
+    expected = built.model.depth if protocol == "linear" else 0
+    assert cache.entry_layer(built.model, built.mask)[0] == expected
+  too_many = other_cfg(family, f"protocol=partial-{built.model.depth + 1},prompt.length=0,"
+                               "prompt.kv_length=0,model.num_classes=10")
+  with pytest.raises(ValueError, match=rf"1 <= k <= {built.model.depth} \(the blocks of this"):
+    build.build(too_many)
 
-  predict = jax.jit(lambda tr, images: np.argmax(logits_fn(tr, images), -1))
 
-  def val_top1(tr):
-    x, y, m = data["val200"]
-    return float(np.mean(np.asarray(predict(tr, x))[m] == y[m]))
+@pytest.mark.parametrize("family,option,match", [
+    ("resnet", "prompt.length=8,prompt.location=prepend", r"prompt.location='prepend' does not "
+     r"apply to a resnet backbone.*prompt.location='pad'"),
+    ("convnext", "prompt.kv_length=2", r"prompt.kv_length=2 does not apply to a convnext"),
+    ("resnet", "prompt.deep=True", r"prompt.deep=True does not apply to a resnet"),
+    ("convnext", "model.dtype=bfloat16", r"model.dtype='bfloat16' does not apply to a convnext"),
+    ("resnet", "protocol=adapter", r"protocol='adapter' does not apply to a resnet.*ViT"),
+    ("swin", "protocol=mlp-3", r"protocol='mlp-3' does not apply to a swin"),
+    ("swin", "prompt.location=add", r"prompt.location='add' does not apply to a swin"),
+    ("swin", "prompt.pool=cls", r"prompt.pool='cls' does not apply to a swin"),
+    ("swin", "prompt.masks=True", r"prompt.masks=True does not apply to a swin"),
+    ("swin", "prompt.shared=True", r"prompt.shared=True does not apply to a swin"),
+    ("swin", "model.image_size=0", r"model.image_size=0 does not apply to a swin"),
+    ("convnext", "prompt.length=0", r"protocol='vpt' does not apply.*prompt.length=0"),
+])
+def test_options_that_do_not_apply_to_a_family_are_refused(family, option, match):
+  config = other_cfg(family, option)
+  config.model.family = family              # refused by check_config, before any file is read
+  with pytest.raises(ValueError, match=match):
+    build.check_config(config)
+  config.model.family = "auto"              # the family read from the file: refused by build
+  config.model.num_classes = 10
+  with pytest.raises(ValueError, match=match):
+    build.build(config)
 
-  before = val_top1(tr)
-  x, y, m = data["train800"]
-  x, y = x[m], y[m]
-  for epoch in range(3):
-    order = np.random.default_rng(epoch).permutation(len(x))
-    for i in range(0, len(x) - 63, 64):
-      idx = order[i:i + 64]
-      tr, st = step(tr, st, x[idx], y[idx])
-  after = val_top1(tr)
-  assert after > before + 0.05, (before, after)
+
+def test_vtab_backbone_flags_select_the_other_families():
+  from configs import vtab
+  for flag, zoo_name in (("swin", "swin-b-22k"), ("convnext", "convnext-b-22k"),
+                         ("resnet", "resnet50-1k")):
+    c = vtab.get_config(f"cifar100,{flag}")
+    build.check_config(c)   # the zoo name says the family: every option applies
+    assert c.model.checkpoint == zoo_name and c.data.normalization == "imagenet"
+    assert c.model.image_size == 224
+    if flag == "swin":
+      assert (c.prompt.location, c.prompt.pool, c.prompt.deep) == ("prepend", "all", True)
+      assert vtab.lr_grid(f"cifar100,{flag}") == vtab.LR_GRID
+    else:
+      assert (c.prompt.location, c.prompt.length, c.prompt.deep) == ("pad", 5, False)
+      assert vtab.lr_grid(f"cifar100,{flag}") == vtab.PROMPT_RESNET_LR_GRID
+      assert vtab.lr_grid(f"cifar100,{flag},protocol=linear") == vtab.LR_GRID
+    full = vtab.get_config(f"cifar100,{flag},full")
+    build.check_config(full)
+    assert full.protocol == "full" and full.prompt.length == 0
+  with pytest.raises(ValueError, match="kv_length=5 does not apply to a convnext"):
+    build.check_config(vtab.get_config("cifar100,convnext,e2vpt"))
+
+
+def test_serving_refuses_the_other_families_with_the_reason():
+  from vpt_jax import serving
+  for family in ("swin", "resnet"):
+    config = other_cfg(family, "protocol=linear,prompt.length=0,prompt.kv_length=0")
+    config.model.num_classes = 10
+    built = build.build(config)
+    with pytest.raises(serving.ServingError, match=f"a {family} backbone is not served"):
+      serving.task_from_model(family, built.model, built.variables)
 
 
 def test_the_package_door_loads_a_pth_and_an_npz():

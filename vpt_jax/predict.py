@@ -16,7 +16,7 @@ from absl import app, flags
 
 from vpt_jax import utils
 from vpt_jax.tasks import classification
-from vpt_jax.tuning import build, workdir
+from vpt_jax.tuning import build, families, workdir
 from vpt_jax.weights import npz
 
 FLAGS = flags.FLAGS
@@ -46,7 +46,9 @@ def main(argv: Sequence[str]) -> None:
     model, variables = npz.load_pretrained(FLAGS.checkpoint)
     read = None
     print(f"checkpoint {FLAGS.checkpoint}")
-  print(f"ViT patch {tuple(model.patch_size)}, width {model.width}, depth {model.depth}, "
+  size = getattr(model, "patch_size", None)   # a ConvNet has none; Swin's is one int
+  patch = "" if size is None else f" patch {tuple(size) if hasattr(size, '__len__') else size}"
+  print(f"{families.family_of(model) or 'ViT'}{patch}, width {model.width}, depth {model.depth}, "
         f"{model.num_classes} classes, input {model.image_size[0]}x{model.image_size[1]}")
   for name, top in classification.predict(model, variables, argv[1:], FLAGS.top_k, read=read):
     print(f"{name}: " + ", ".join(f"class {c} ({p:.3f})" for c, p in top))

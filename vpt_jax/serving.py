@@ -40,7 +40,7 @@ from vpt_jax.models.hooks import Hooks, LayerInput
 from vpt_jax.models.vit import VisionTransformer
 from vpt_jax.prompts import plan as plan_lib
 from vpt_jax.prompts import vpt
-from vpt_jax.tuning import build
+from vpt_jax.tuning import build, families
 from vpt_jax.tuning import workdir as workdir_lib
 
 Array = jax.Array
@@ -86,6 +86,11 @@ class Task:
 
 def task_from_model(name: str, model: VisionTransformer, variables: Mapping[str, Any]) -> Task:
   """The `Task` of a (possibly VPT-prompted) model; refuses options a mixed batch cannot run."""
+  family = families.family_of(model)
+  if family:  # one shared ViT runs the mixed batch; its prompt plan has no window or pad form
+    raise ServingError(f"{name}: a {family} backbone is not served by mixed batches (they share "
+                       "one ViT encoder; Swin prompts live inside its windows and a pad prompt "
+                       "changes the input size); predict it per task (`vpt_jax.predict`)")
   hooks = model.hooks
   head = variables["params"]["head"]
   task = Task(name, np.asarray(head["kernel"], np.float32), np.asarray(head["bias"], np.float32))

@@ -29,6 +29,7 @@ from vpt_jax.data import pipeline, sources
 from vpt_jax.models.hooks import hook_parts
 from vpt_jax.models.vit import VisionTransformer
 from vpt_jax.prompts import vpt
+from vpt_jax.tuning import families
 from vpt_jax.tuning import workdir as workdir_lib
 from vpt_jax.weights import backbones
 
@@ -81,10 +82,22 @@ def features(model: VisionTransformer, variables: Mapping[str, Any], images: np.
 def frozen_backbone(config) -> Tuple[VisionTransformer, Dict[str, Any]]:
   """The run's pretrained backbone as published: no prompts, no tuning."""
   m = config.model
-  return backbones.load_pretrained(m.checkpoint, family=m.get("family", "auto"),
-                                   num_heads=m.get("num_heads", 0),
-                                   image_size=m.image_size or None,
-                                   drop_pre_logits=m.drop_pre_logits)
+  _, model, variables = backbones.load_any(m.checkpoint, family=m.get("family", "auto"),
+                                           num_heads=m.get("num_heads", 0),
+                                           image_size=m.image_size or None,
+                                           drop_pre_logits=m.drop_pre_logits)
+  return model, variables
+
+
+# What a Swin / ConvNet sows as its head's input (a ViT: 'head_input').
+_OTHER_HEAD_INPUT = {"swin": "pooled", "convnext": "features", "resnet": "features"}
+
+
+def _feature_name(model: Any, feature: str) -> str:
+  family = families.family_of(model)
+  if not family or feature not in ("head_input", "pooled"):
+    return feature
+  return _OTHER_HEAD_INPUT[family]
 
 
 # Up to this many points t-SNE runs exactly (all pairwise forces): faster than the Barnes-Hut
@@ -159,9 +172,10 @@ def tsne_figure(workdir: str, out: str, *, which: str = "last", split: str = "",
   config, tuned, tuned_vars = run.config, run.model, run.variables
   images, labels = load_images(config, tuned.image_size[0], split, limit=num_examples)
   frozen, frozen_vars = frozen_backbone(config)
-  panels = [("frozen backbone", features(frozen, frozen_vars, images, name=feature)),
+  panels = [("frozen backbone", features(frozen, frozen_vars, images,
+                                         name=_feature_name(frozen, feature))),
             (f"tuned ({config.protocol}, {os.path.basename(os.path.normpath(workdir))})",
-             features(tuned, tuned_vars, images, name=feature))]
+             features(tuned, tuned_vars, images, name=_feature_name(tuned, feature)))]
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained")
   for ax, (title, f) in zip(axes, panels):
@@ -220,6 +234,9 @@ def attention_figure(workdir: str, out: str, *, which: str = "last", split: str 
   """Per image: the image, the class token's attention over patches, and over the prompts."""
   run = workdir_lib.load_tuned(workdir, which=which)
   config, model, variables = run.config, run.model, run.variables
+  if families.family_of(model):
+    raise ValueError(f"{workdir}: a {families.family_of(model)} backbone has no class token to "
+                     "show the attention of (attention plots are for ViTs)")
   images, labels = load_images(config, model.image_size[0], split, limit=num_images)
   w = class_token_attention(model, variables, images, layer).mean(axis=1)  # (B, keys), head mean
   prefix, n_prompts, n_kv = token_layout(model, w.shape[-1])

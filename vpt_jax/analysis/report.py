@@ -33,6 +33,8 @@ def method_name(config: Dict) -> str:
     if p.get("kv_length"):
       name = "E2VPT" if p["deep"] else "E2VPT-shallow"
       return name + (" (pruned)" if p.get("mask_file") else "")
+    if p.get("location") == "pad" and not p["deep"]:  # the ConvNets' prompt (VPT Table 5)
+      return "VPT-pad"
     name = "VPT-deep" if p["deep"] else "VPT-shallow"
     return name + (" (pruned)" if p.get("mask_file") else "")
   return {"linear": "Linear", "full": "Full", "bias": "Bias"}.get(config["protocol"],

@@ -24,7 +24,7 @@ ViT prompt code has its own pad variant, which resizes the image; VPT's ConvNet 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -134,6 +134,18 @@ class ConvNeXt(nn.Module):
   num_classes: Optional[int] = None
   pad_tokens: int = 0            # VPT pad prompt width T (0: none)
   pad_init: str = "random"
+  # The input size before the pad prompt (what the trainer's pipeline makes); informational,
+  # any size runs.
+  image_size: Optional[Tuple[int, int]] = None
+
+  @property
+  def depth(self) -> int:
+    return int(sum(self.depths))
+
+  @property
+  def width(self) -> int:
+    """Width of the features the head reads."""
+    return int(self.dims[-1])
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
@@ -190,6 +202,15 @@ class ResNet(nn.Module):
   num_classes: Optional[int] = None
   pad_tokens: int = 0
   pad_init: str = "random"
+  image_size: Optional[Tuple[int, int]] = None   # as ConvNeXt.image_size
+
+  @property
+  def depth(self) -> int:
+    return int(sum(self.layers))
+
+  @property
+  def width(self) -> int:
+    return 4 * int(self.planes[-1])
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:

@@ -1,6 +1,6 @@
 """The hook interface: how prompts and other additions reach into a frozen backbone.
 
-A backbone family (ViT today; Swin and ConvNets next) calls an optional `Hooks` module at five
+A backbone family (the ViTs; Swin and the ConvNets below) calls an optional `Hooks` module at five
 points, and nothing else of the backbone changes when a method is added. Each method exists
 because some method of the papers needs to act at exactly that point:
 

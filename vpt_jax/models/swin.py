@@ -465,6 +465,17 @@ class SwinTransformer(nn.Module):
   def num_features(self) -> int:
     return self.embed_dim * 2 ** (len(self.depths) - 1)
 
+  # What the trainer's generic code reads of any backbone (`vpt_jax.tuning.families`).
+  @property
+  def depth(self) -> int:
+    """Blocks in all stages."""
+    return int(sum(self.depths))
+
+  @property
+  def width(self) -> int:
+    """Width of the pooled features the head reads."""
+    return self.num_features
+
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     want = (*self.image_size, self.in_channels)

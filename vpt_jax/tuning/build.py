@@ -19,7 +19,7 @@ from vpt_jax import prompts, utils
 from vpt_jax.models import heads
 from vpt_jax.models.hooks import hook_parts
 from vpt_jax.models.vit import VisionTransformer
-from vpt_jax.tuning import cache, head_init, optim, rules
+from vpt_jax.tuning import cache, families, head_init, optim, rules
 from vpt_jax.weights import backbones, download
 
 _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data",
@@ -60,6 +60,16 @@ class Built:
     """
     m = self.model
     trainable, _ = rules.split(self.variables, self.mask)
+    if families.family_of(m):  # Swin / ConvNeXt / ResNet: the family names the architecture
+      return {
+          "version": FINGERPRINT_VERSION,
+          "backbone_sha256": self.backbone_sha256,
+          "model": families.model_fingerprint(m),
+          "prompt_hooks": families.prompt_fingerprint(m),
+          "preprocessing": utils.jsonable(self.preprocessing),
+          "trainable": {p: list(x.shape) for p, x in zip(rules.leaf_paths(trainable),
+                                                         jax.tree.leaves(trainable))},
+      }
     module_hooks = heads.find_modules(m)
     prompt_hooks = next((h for h in hook_parts(m.hooks) if h is not module_hooks), None)
     return {
@@ -128,6 +138,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if "cache_features" in config:
     cache.cache_mode(config.cache_features)
   head_init.check(config.model.get("head_init", "zeros"))
+  family = families.known_family(config.model)
+  if family in families.FAMILIES:  # otherwise checked once `build` has read the file's family
+    families.check_config(config, family)
 
 
 def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None) -> Built:
@@ -142,10 +155,12 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
     raise ValueError(f"config model.num_classes={num_classes} must be > 0 (0 = from the data, "
                      "resolved by the trainer)")
   path, _ = download.resolve(mcfg.checkpoint)
-  base, variables = backbones.load_pretrained(
+  family, base, variables = backbones.load_any(
       mcfg.checkpoint, family=mcfg.get("family", "auto"), num_heads=mcfg.get("num_heads", 0),
       image_size=mcfg.image_size or None, num_classes=num_classes,
       drop_pre_logits=mcfg.drop_pre_logits, dtype=jnp.dtype(mcfg.dtype))
+  if family in families.FAMILIES:
+    return _build_other(config, family, base, variables, path, rng)
   base = base.clone(fast_path=mcfg.fast_path)  # read by prompts.attach too
   prompts.check_config(config.prompt, base)
   prompted = config.prompt.length or config.prompt.kv_length
@@ -163,6 +178,23 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
   mask = rules.label(variables, patterns)
   return Built(model=model, variables=variables, patterns=patterns, mask=mask,
                backbone_file=path, backbone_sha256=download.file_sha256(path),
+               preprocessing=preprocessing_spec(config))
+
+
+def _build_other(config: ml_collections.ConfigDict, family: str, base: Any,
+                 variables: Dict[str, Any], path: str, rng: Optional[jax.Array]) -> Built:
+  """`build` for Swin, ConvNeXt and ResNet (`vpt_jax.tuning.families`)."""
+  families.check_config(config, family)
+  if family == "swin":
+    base = base.clone(fast_path=config.model.fast_path)
+  seed = config.seed if config.prompt.init_seed < 0 else config.prompt.init_seed
+  rng = jax.random.PRNGKey(seed) if rng is None else rng
+  model, variables = families.attach_prompts(config, family, base, variables, rng)
+  variables = _init_head(config, variables)
+  patterns = trainable_patterns(config, model)
+  return Built(model=model, variables=variables, patterns=patterns,
+               mask=rules.label(variables, patterns), backbone_file=path,
+               backbone_sha256=download.file_sha256(path),
                preprocessing=preprocessing_spec(config))
 
 
@@ -191,7 +223,11 @@ def _init_head(config: ml_collections.ConfigDict, variables: Dict[str, Any]) -> 
 
 def trainable_patterns(config: ml_collections.ConfigDict, model: VisionTransformer) -> List[str]:
   """The run's trainable rule: `config.trainable` if given, else its protocol's patterns."""
-  return list(config.trainable) or rules.protocol_patterns(config.protocol, depth=model.depth)
+  if list(config.trainable):
+    return list(config.trainable)
+  if families.family_of(model):
+    return families.protocol_patterns(config.protocol, model)
+  return rules.protocol_patterns(config.protocol, depth=model.depth)
 
 
 def _attach_modules(config: ml_collections.ConfigDict, model: VisionTransformer,

@@ -27,7 +27,7 @@ from vpt_jax.data.split import eval_order, train_order
 from vpt_jax.models import heads
 from vpt_jax.models.hooks import Hooks, hook_parts
 from vpt_jax.models.vit import VisionTransformer
-from vpt_jax.tuning import rules
+from vpt_jax.tuning import families, rules
 
 MODES = ("auto", "true", "false")
 MAX_CACHE_BYTES = 8 << 30      # host memory the cached token sequences may take
@@ -71,6 +71,8 @@ def entry_layer(model: VisionTransformer, mask: Any) -> Tuple[int, str]:
   does (nothing to cache). The mask's trainable leaves and every hook (trainable or not: frozen
   prompts still change the sequence) count.
   """
+  if families.family_of(model):
+    return _pooled_entry(model, mask)
   j, why = model.depth, "everything trainable is after the encoder"
   flat_mask = dict(zip(rules.leaf_paths(mask), jax.tree.leaves(mask)))
   for path, trainable in flat_mask.items():
@@ -87,6 +89,17 @@ def entry_layer(model: VisionTransformer, mask: Any) -> Tuple[int, str]:
   return j, why
 
 
+def _pooled_entry(model: Any, mask: Any) -> Tuple[int, str]:
+  """Swin / ConvNeXt / ResNet: cached pooled features (the head's input) when only the head
+  trains and no prompt changes the input; there is no cached entry inside these backbones."""
+  if families.prompt_fingerprint(model) is not None:
+    return 0, "prompts change what the backbone computes"
+  for path, trainable in zip(rules.leaf_paths(mask), jax.tree.leaves(mask)):
+    if trainable and not path.startswith("params/head/"):
+      return 0, f"trainable {path}"
+  return model.depth, "only the head trains: pooled features"
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   layer: int            # enter the model here; 0 = no caching
@@ -100,12 +113,13 @@ def plan(model: VisionTransformer, mask: Any, *, mode: str, deterministic: bool,
   if mode == "false":
     return Plan(0, "off (config cache_features=False)")
   j, why = entry_layer(model, mask)
-  seq = int(model.class_token) + model.grid[0] * model.grid[1]
+  family = families.family_of(model)
+  seq = 1 if family else int(model.class_token) + model.grid[0] * model.grid[1]
   nbytes = num_examples * seq * model.width * 4
   obstacle = None
   if j <= 0:
     obstacle = f"layer 0 is not frozen ({why})" if j == 0 else f"not cacheable ({why})"
-  elif model.dropout:
+  elif getattr(model, "dropout", 0.0):
     obstacle = f"the backbone has dropout {model.dropout} in training"
   elif not deterministic:
     obstacle = "the training preprocessing has random augmentation (data.crop='resize_crop')"
@@ -183,12 +197,38 @@ class TokenPipeline:
       yield {**self._batch(index[s:s + b]), "mask": mask[s:s + b]}
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadOnly:
+  """A Swin / ConvNet entered after its pooling: apply(variables, features) is its head (the
+  model's own `params/head` Dense, computed as flax's Dense does)."""
+
+  model: Any
+  layer: int
+
+  def apply(self, variables, features, **kw):
+    del kw  # train / rngs: nothing random after the pooling
+    head = variables["params"]["head"]
+    return jax.numpy.dot(features, head["kernel"]) + head["bias"]
+
+
+def pooled_fn(model: Any) -> Callable:
+  """jitted (variables, images) -> the (batch, width) features a Swin / ConvNet's head reads."""
+  name = "pooled" if families.family_of(model) == "swin" else "features"
+
+  def fn(variables, images):
+    _, state = model.apply(variables, images, mutable=["intermediates"])
+    return state["intermediates"][name][0]
+  return jax.jit(fn)
+
+
 def cache_pipelines(model: VisionTransformer, layer: int, variables: Mapping[str, Any],
                     pipes: Mapping[str, Any]) -> Tuple[EnterAt, Dict[str, TokenPipeline], float]:
   """(the model entered at `layer`, each pipeline over cached tokens, bytes cached)."""
-  fn = prefix_fn(model, layer)
+  other = bool(families.family_of(model))
+  fn = pooled_fn(model) if other else prefix_fn(model, layer)
   out = {name: TokenPipeline(p, compute_tokens(fn, variables, p)) for name, p in pipes.items()}
-  return EnterAt(model, layer), out, float(sum(p.tokens.nbytes for p in out.values()))
+  entered = HeadOnly(model, layer) if other else EnterAt(model, layer)
+  return entered, out, float(sum(p.tokens.nbytes for p in out.values()))
 
 
 def describe(p: Plan, depth: int, extra: Optional[str] = None) -> str:

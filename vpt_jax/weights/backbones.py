@@ -4,9 +4,9 @@
 PyTorch ViTs of VPT's Table 4, `weights.torch_vit`), or 'auto': the zoo entry's family, else
 'vit' for an .npz file, else the PyTorch file's keys decide (`detect_family`).
 
-Swin, ConvNeXt and ResNet files are recognised, but the trainer's prompt, protocol and cache code
-is written against the ViT's parameter tree, so they are refused here with an error that says
-which module loads them (`weights.torch_swin`, `weights.torch_convnets`).
+`load_pretrained` returns a `VisionTransformer`, so Swin, ConvNeXt and ResNet files are refused
+there with an error that says which module loads them; `load_any` loads every family (the
+trainer's door: `vpt_jax.tuning.build`, `vpt_jax.tuning.families`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from vpt_jax.models.swin import SwinTransformer
 from vpt_jax.models.vit import VisionTransformer, as_pair
-from vpt_jax.weights import npz, torch_vit, zoo
+from vpt_jax.weights import npz, torch_convnets, torch_swin, torch_vit, zoo
 from vpt_jax.weights.download import CheckpointError, resolve
 from vpt_jax.weights.torch import read_state_dict
 
@@ -63,30 +64,90 @@ def load_pretrained(spec: str, *, family: str = "auto", num_heads: int = 0,
     ViT-L/H: 16). The other arguments as `weights.npz.load_pretrained`; `drop_pre_logits` has no
     effect on the PyTorch ViTs (they have no representation layer).
   """
+  family, path, state = _read(spec, family, cache_dir)
+  if family == "vit":
+    return npz.load_pretrained(spec, image_size=image_size, num_classes=num_classes,
+                               drop_pre_logits=drop_pre_logits, dtype=dtype, cache_dir=cache_dir)
+  if family not in TRAINER_FAMILIES:
+    raise CheckpointError(
+        f"{path}: a {family} checkpoint; this loader returns ViT-family backbones "
+        f"({', '.join(TRAINER_FAMILIES)}) only. Load it with {_LOADED_BY[family]}, or train it "
+        "with the trainer (`vpt_jax.tuning.families`; README 'Model zoo').")
+  return _vit_from_state(state, family, path, num_heads=num_heads, image_size=image_size,
+                         num_classes=num_classes, dtype=dtype)
+
+
+def _read(spec: str, family: str, cache_dir: Optional[str]
+          ) -> Tuple[str, str, Optional[Mapping[str, np.ndarray]]]:
+  """(family, local path, PyTorch state dict or None for an .npz file) of a backbone spec."""
   if family not in FAMILIES:
     raise ValueError(f"model.family={family!r}: expected one of {FAMILIES}")
   if family == "auto":
     family = zoo.family_of(spec) or "auto"
-  path = None
-  if family == "auto":
-    path, subtree = resolve(spec, cache_dir)
-    family = "vit" if subtree or _is_npz(path) else "auto"
+  if family == "vit":  # the .npz reader resolves (and downloads) it itself
+    return family, spec, None
+  path, subtree = resolve(spec, cache_dir)
+  if family == "auto" and (subtree or _is_npz(path)):
+    family = "vit"
   if family == "vit":
-    return npz.load_pretrained(spec, image_size=image_size, num_classes=num_classes,
-                               drop_pre_logits=drop_pre_logits, dtype=dtype, cache_dir=cache_dir)
-  if path is None:
-    path, _ = resolve(spec, cache_dir)
+    return family, path, None
   state = read_state_dict(path)
   found = detect_family(state, path)
-  if family in ("mae", "moco") and found not in ("mae", "moco"):
+  if family != "auto" and found != family and {family, found} != {"mae", "moco"}:
     raise CheckpointError(f"{path}: model.family={family!r}, but the file holds a {found} "
                           "state dict")
-  family = family if family in ("mae", "moco") else found
-  if family not in TRAINER_FAMILIES:
-    raise CheckpointError(
-        f"{path}: a {family} checkpoint; the trainer tunes ViT-family backbones "
-        f"({', '.join(TRAINER_FAMILIES)}) only. Load it with {_LOADED_BY[family]} (fixture-exact "
-        "model and prompts, see README 'Model zoo').")
+  return (family if family != "auto" else found), path, state
+
+
+def load_any(spec: str, *, family: str = "auto", image_size: Optional[int] = None,
+             num_classes: Optional[int] = None, cache_dir: Optional[str] = None, **vit_kwargs
+             ) -> Tuple[str, Any, Dict[str, Any]]:
+  """(family, model, variables) of a backbone file of any family, the file read once.
+
+  The ViT families go through `load_pretrained` (`vit_kwargs`: num_heads, drop_pre_logits,
+  dtype); Swin, ConvNeXt and ResNet through their own converters, with a new zero head of
+  `num_classes` (None: no head). image_size: Swin's resolution (its file does not store it;
+  required); the ConvNets' input size before any pad prompt (recorded on the model).
+  """
+  family, path, state = _read(spec, family, cache_dir)
+  if family == "vit":
+    model, variables = npz.load_pretrained(
+        spec, image_size=image_size, num_classes=num_classes, cache_dir=cache_dir,
+        drop_pre_logits=vit_kwargs.get("drop_pre_logits", False),
+        dtype=vit_kwargs.get("dtype", jnp.float32))
+    return family, model, variables
+  if family in TRAINER_FAMILIES:
+    return family, *_vit_from_state(state, family, path, image_size=image_size,
+                                    num_classes=num_classes, **vit_kwargs)
+  if not image_size:
+    raise ValueError(f"{path}: model.image_size={image_size or 0} does not apply to a {family} "
+                     "backbone: its file does not store the input size; set it (224 for the "
+                     "published files)")
+  size = tuple(as_pair(image_size))
+  if family == "swin":
+    dtype = vit_kwargs.get("dtype", jnp.float32)
+    cfg = torch_swin.config_from_state_dict(state, image_size=size, source=path)
+    cfg["num_classes"] = num_classes
+    model = SwinTransformer(**cfg)
+    params = torch_swin.convert_state_dict(state, model, head=False, source=path)
+    variables = {"params": params}
+    model = model.clone(dtype=dtype)
+  else:
+    convert = {"convnext": torch_convnets.convnext_from_torch,
+               "resnet": torch_convnets.resnet_from_torch}[family]
+    model, variables = convert(state, path=path)
+    model = model.clone(num_classes=num_classes, image_size=size)
+  if num_classes:
+    width = model.width
+    variables = {**variables, "params": {
+        **variables["params"], "head": {"kernel": np.zeros((width, num_classes), np.float32),
+                                        "bias": np.zeros((num_classes,), np.float32)}}}
+  return family, model, _as_jnp(variables)
+
+
+def _vit_from_state(state, family, path, *, num_heads=0, image_size=None, num_classes=None,
+                    dtype=jnp.float32, drop_pre_logits=False):
+  del drop_pre_logits  # the PyTorch ViTs have no representation layer
   width = int(state.get("patch_embed.proj.weight",
                         state.get("base_encoder.patch_embed.proj.weight")).shape[0])
   model, params = torch_vit.vit_from_torch(state, family=family, path=path,
