@@ -26,6 +26,10 @@ attention scaled by 1/sqrt(head_dim), softmax in float32. `dtype` sets the compu
 matmuls/convs only; parameters, LayerNorm statistics, the residual stream, softmax and the logits
 stay float32.
 
+`remat` trades compute for memory in the backward pass (exact: the same operations run again):
+'block' recomputes each block's attention and MLP from their inputs, 'dots' recomputes them but
+keeps the outputs of the weight matmuls (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+
 Intermediate arrays are sown into the 'intermediates' collection (`stem`, `block_{i}`, `encoded`,
 `pooled`, `head_input`, and each attention's weights) so tests and tools can read them with
 `mutable=['intermediates']`, at no cost otherwise.
@@ -47,6 +51,17 @@ Dtype = Any
 
 LN_EPS = 1e-6
 POOL_TYPES = ("token", "gap", "gap_patches", "map")
+REMAT = ("none", "block", "dots")
+
+
+def _rematted(cls: Any, remat: str, **kw: Any) -> Any:
+  """`cls`, or `cls` recomputed in the backward pass (`remat`: see the module docstring)."""
+  if remat not in REMAT:
+    raise ValueError(f"unknown remat {remat!r}; expected one of {REMAT}")
+  if remat == "none":
+    return cls
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+  return nn.remat(cls, policy=policy, **kw)
 
 
 class MlpBlock(nn.Module):
@@ -58,7 +73,7 @@ class MlpBlock(nn.Module):
   approximate_gelu: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     d = x.shape[-1]
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
     y = nn.gelu(y, approximate=self.approximate_gelu)
@@ -167,6 +182,7 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   approximate_gelu: bool = True
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, *, memory: Optional[Array] = None,
@@ -179,15 +195,15 @@ class Encoder1DBlock(nn.Module):
       x = x[:, :query_rows]
     if memory is not None:
       memory = norm(memory if memory.ndim == 3 else memory[None])
-    y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
-                                     name="MultiHeadDotProductAttention_0")(
+    y = _rematted(MultiHeadDotProductAttention, self.remat)(
+        self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")(
                                          y if query_rows is None else y[:, :query_rows], y,
                                          memory=memory, extra_kv=extra_kv, key_mask=key_mask)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + y
     y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_1")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.approximate_gelu,
-                 name="MlpBlock_0")(y, train=train)
+    y = _rematted(MlpBlock, self.remat, static_argnums=(2,))(
+        self.mlp_dim, self.dropout, self.dtype, self.approximate_gelu, name="MlpBlock_0")(y, train)
     if mlp_hook is not None:
       y = mlp_hook(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -210,6 +226,7 @@ class Encoder(nn.Module):
   class_token_only: bool = False
   approximate_gelu: bool = True
   final_norm: bool = True
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, *, hooks: Optional[Hooks] = None, start_layer: int = 0,
@@ -223,7 +240,7 @@ class Encoder(nn.Module):
       num_prompts = step.num_prompts
       last = self.class_token_only and i == self.depth - 1
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                         self.approximate_gelu,
+                         self.approximate_gelu, remat=self.remat,
                          name=f"encoderblock_{i}")(step.tokens, memory=step.memory,
                                                    extra_kv=step.extra_kv,
                                                    key_mask=step.key_mask,
@@ -282,6 +299,8 @@ class VisionTransformer(nn.Module):
       False: the straightforward computation of every row (all intermediates full size).
     approximate_gelu: True (default) the tanh form of GELU (the Google checkpoints); False the
       exact erf form (PyTorch's nn.GELU: MAE, MoCo v3).
+    remat: 'none', 'block' or 'dots': what the backward pass recomputes instead of storing
+      (module docstring); the same logits and gradients, less memory.
     fc_norm: the final LayerNorm normalises the pooled feature (`fc_norm`, MAE's global pool)
       instead of every token (`Transformer/encoder_norm`).
   """
@@ -306,6 +325,7 @@ class VisionTransformer(nn.Module):
   fast_path: bool = True
   approximate_gelu: bool = True
   fc_norm: bool = False
+  remat: str = "none"
 
   @property
   def grid(self) -> Tuple[int, int]:
@@ -314,6 +334,8 @@ class VisionTransformer(nn.Module):
   def _check(self, images: Array) -> None:
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
+    if self.remat not in REMAT:
+      raise ValueError(f"unknown remat {self.remat!r}; expected one of {REMAT}")
     if self.pool_type == "token" and not self.class_token:
       raise ValueError("pool_type='token' needs class_token=True")
     if self.posemb_cls_row and not self.class_token:
@@ -384,7 +406,8 @@ class VisionTransformer(nn.Module):
     x, num_prompts = Encoder(
         self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
         class_token_only=self.fast_path and self.pool_type == "token",
-        approximate_gelu=self.approximate_gelu, final_norm=not self.fc_norm, name="Transformer")(
+        approximate_gelu=self.approximate_gelu, final_norm=not self.fc_norm, remat=self.remat,
+        name="Transformer")(
             x, hooks=self.hooks, start_layer=start_layer, num_prompts=num_prompts, train=train)
     self.sow("intermediates", "encoded", x)
     if self.hooks is not None:
