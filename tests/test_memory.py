@@ -3,7 +3,11 @@
 The tiny model (width 64, 2 layers, 32x32) with VPT-deep prompts; one compile per option.
 """
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,8 @@ import pytest
 from vpt_jax import prompts
 from vpt_jax.tuning import rules, steps
 from vpt_jax.weights.npz import Architecture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = Architecture(patch_size=(4, 4), in_channels=3, width=64, depth=2, num_heads=4, mlp_dim=128,
                     grid=(8, 8), pool_type="token", class_token=True, posemb_cls_row=True,
@@ -62,8 +68,8 @@ def test_remat_keeps_logits_and_gradients(setup, remat):
 
 
 def test_remat_recomputes_in_the_backward_pass(setup):
-  """The option is really applied: the traced step holds one checkpoint per attention and MLP
-  (the memory it saves is measured at ViT-B/L size by benchmarks/step_cost.py --remat)."""
+  """The option is really applied: the traced step holds one checkpoint per block (the memory
+  it saves is measured at ViT-B/L size by `benchmarks/step_cost.py --memory=remat`)."""
   images, labels, variables, mask = setup
   trainable, frozen = rules.split(variables, mask)
 
@@ -71,9 +77,27 @@ def test_remat_recomputes_in_the_backward_pass(setup):
     loss = lambda t: steps.make_loss_fn(model)(t, frozen, images, labels, jax.random.PRNGKey(0))[0]
     return len(re.findall(r"\b(?:remat2|checkpoint)\[", str(jax.make_jaxpr(loss)(trainable))))
   assert checkpoints(deep_vpt()) == 0
-  assert checkpoints(deep_vpt(remat="block")) == 2 * TINY.depth
+  assert checkpoints(deep_vpt(remat="block")) == TINY.depth
 
 
 def test_unknown_remat_is_refused(setup):
   with pytest.raises(ValueError, match="unknown remat 'all'"):
     deep_vpt(remat="all").apply(setup[2], setup[0])
+
+
+def test_frozen_weights_sharded_over_eight_devices(tmp_path):
+  """model.frozen_sharding='sharded' on 8 CPU devices (one process): each device holds 1/8 of the
+  frozen backbone, and 4 trainer steps give the replicated run's prompts and logits (1e-5)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_frozen_run.py"),
+                        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  print(res)
+  assert res["devices"] == 8
+  assert res["sharded_bytes_per_device"] * 8 == pytest.approx(res["replicated_bytes_per_device"],
+                                                              rel=0.02)
+  assert "PartitionSpec()" not in res["sharded_specs"]  # every leaf of the tiny ViT is split
+  assert res["prompts_max_abs"] > 1e-3  # the prompts did train
+  assert res["trainable_max_diff"] < 1e-5 and res["logits_max_diff"] < 1e-5

@@ -27,8 +27,9 @@ matmuls/convs only; parameters, LayerNorm statistics, the residual stream, softm
 stay float32.
 
 `remat` trades compute for memory in the backward pass (exact: the same operations run again):
-'block' recomputes each block's attention and MLP from their inputs, 'dots' recomputes them but
-keeps the outputs of the weight matmuls (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+'block' keeps only each block's inputs and recomputes the block's forward pass in the backward
+pass, 'dots' also keeps the outputs of its weight matmuls
+(`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
 
 Intermediate arrays are sown into the 'intermediates' collection (`stem`, `block_{i}`, `encoded`,
 `pooled`, `head_input`, and each attention's weights) so tests and tools can read them with
@@ -54,16 +55,6 @@ POOL_TYPES = ("token", "gap", "gap_patches", "map")
 REMAT = ("none", "block", "dots")
 
 
-def _rematted(cls: Any, remat: str, **kw: Any) -> Any:
-  """`cls`, or `cls` recomputed in the backward pass (`remat`: see the module docstring)."""
-  if remat not in REMAT:
-    raise ValueError(f"unknown remat {remat!r}; expected one of {REMAT}")
-  if remat == "none":
-    return cls
-  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
-  return nn.remat(cls, policy=policy, **kw)
-
-
 class MlpBlock(nn.Module):
   """Dense -> GELU -> Dense, the transformer feed-forward block (GELU: tanh form, or exact erf)."""
 
@@ -73,7 +64,7 @@ class MlpBlock(nn.Module):
   approximate_gelu: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
     d = x.shape[-1]
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
     y = nn.gelu(y, approximate=self.approximate_gelu)
@@ -182,7 +173,6 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   approximate_gelu: bool = True
-  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, *, memory: Optional[Array] = None,
@@ -195,19 +185,33 @@ class Encoder1DBlock(nn.Module):
       x = x[:, :query_rows]
     if memory is not None:
       memory = norm(memory if memory.ndim == 3 else memory[None])
-    y = _rematted(MultiHeadDotProductAttention, self.remat)(
-        self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")(
+    y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
+                                     name="MultiHeadDotProductAttention_0")(
                                          y if query_rows is None else y[:, :query_rows], y,
                                          memory=memory, extra_kv=extra_kv, key_mask=key_mask)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + y
     y = nn.LayerNorm(epsilon=LN_EPS, name="LayerNorm_1")(x)
-    y = _rematted(MlpBlock, self.remat, static_argnums=(2,))(
-        self.mlp_dim, self.dropout, self.dtype, self.approximate_gelu, name="MlpBlock_0")(y, train)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.approximate_gelu,
+                 name="MlpBlock_0")(y, train=train)
     if mlp_hook is not None:
       y = mlp_hook(y)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     return x + y
+
+
+class _PositionalBlock(Encoder1DBlock):
+  """Encoder1DBlock with positional arguments, which `nn.remat` needs to mark the static ones."""
+
+  def __call__(self, x, memory, extra_kv, key_mask, query_rows, mlp_hook, train):  # type: ignore
+    return super().__call__(x, memory=memory, extra_kv=extra_kv, key_mask=key_mask,
+                            query_rows=query_rows, mlp_hook=mlp_hook, train=train)
+
+
+def _remat_block(remat: str) -> Any:
+  """The block recomputed in the backward pass (`remat`: see the module docstring)."""
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+  return nn.remat(_PositionalBlock, policy=policy, static_argnums=(5, 6, 7))
 
 
 class Encoder(nn.Module):
@@ -232,6 +236,8 @@ class Encoder(nn.Module):
   def __call__(self, x: Array, *, hooks: Optional[Hooks] = None, start_layer: int = 0,
                num_prompts: int = 0, train: bool = False) -> Tuple[Array, int]:
     """(the encoded tokens, how many of them after the prefix are prompts)."""
+    if self.remat not in REMAT:
+      raise ValueError(f"unknown remat {self.remat!r}; expected one of {REMAT}")
     for i in range(start_layer, self.depth):
       step, mlp_hook = LayerInput(x, num_prompts), None
       if hooks is not None:
@@ -239,13 +245,16 @@ class Encoder(nn.Module):
         mlp_hook = functools.partial(hooks.mlp_output, i, train=train)
       num_prompts = step.num_prompts
       last = self.class_token_only and i == self.depth - 1
-      x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                         self.approximate_gelu, remat=self.remat,
-                         name=f"encoderblock_{i}")(step.tokens, memory=step.memory,
-                                                   extra_kv=step.extra_kv,
-                                                   key_mask=step.key_mask,
-                                                   query_rows=1 if last else None,
-                                                   mlp_hook=mlp_hook, train=train)
+      args = dict(memory=step.memory, extra_kv=step.extra_kv, key_mask=step.key_mask,
+                  query_rows=1 if last else None, mlp_hook=mlp_hook, train=train)
+      if self.remat == "none":
+        block = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                               self.approximate_gelu, name=f"encoderblock_{i}")
+        x = block(step.tokens, **args)
+      else:
+        block = _remat_block(self.remat)(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                                         self.approximate_gelu, name=f"encoderblock_{i}")
+        x = block(step.tokens, *args.values())
       self.sow("intermediates", f"block_{i}", x)
     if not self.final_norm:
       return x, num_prompts
@@ -334,8 +343,6 @@ class VisionTransformer(nn.Module):
   def _check(self, images: Array) -> None:
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"unknown pool_type {self.pool_type!r}; expected one of {POOL_TYPES}")
-    if self.remat not in REMAT:
-      raise ValueError(f"unknown remat {self.remat!r}; expected one of {REMAT}")
     if self.pool_type == "token" and not self.class_token:
       raise ValueError("pool_type='token' needs class_token=True")
     if self.posemb_cls_row and not self.class_token:

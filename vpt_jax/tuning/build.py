@@ -19,7 +19,7 @@ from vpt_jax import prompts, utils
 from vpt_jax.models import heads
 from vpt_jax.models.hooks import hook_parts
 from vpt_jax.models.vit import REMAT, VisionTransformer
-from vpt_jax.tuning import cache, head_init, optim, rules
+from vpt_jax.tuning import cache, head_init, memory, optim, rules
 from vpt_jax.weights import backbones, download
 
 _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data",
@@ -121,6 +121,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config model.dtype={config.model.dtype!r}: 'float32' or 'bfloat16'")
   if config.model.get("remat", "none") not in REMAT:
     raise ValueError(f"config model.remat={config.model.remat!r}: one of {REMAT}")
+  memory.check(config.model.get("frozen_dtype", "float32"),
+               config.model.get("frozen_sharding", "replicated"))
   optim.lr_schedule(config.optim, steps_per_epoch=1)  # checks lr / epochs / warmup
   if config.optim.name not in ("sgd", "adamw"):
     raise ValueError(f"config optim.name={config.optim.name!r}: expected 'sgd' or 'adamw'")
