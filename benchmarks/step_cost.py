@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 
@@ -151,20 +152,20 @@ def abstract_parts(arch: Architecture, *, remat: str = "none", dtype: str = "flo
 
 
 # XLA:CPU's default scheduler orders for concurrency and runs the backward pass's recomputations
-# early, which keeps what remat meant to free; the memory-minimising scheduler (what TPU/GPU
-# compilers do by default) orders them where they are needed.
-CPU_MEMORY_SCHEDULER = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+# early, which keeps most of what remat meant to free; the memory-minimising scheduler (TPU and
+# GPU compilers schedule for memory by default) runs them where they are needed. --memory sections
+# use it unless --cpu-default-scheduler (XLA_FLAGS, set before the backend starts).
+CPU_MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
-def abstract_step(arch: Architecture, batch: int, *, memory_scheduler: bool = True, **kw):
+def abstract_step(arch: Architecture, batch: int, **kw):
   """(compiled VPT-deep p=50 train step, its compile seconds) from shapes alone."""
   model, frozen, state, tx, schedule = abstract_parts(arch, **kw)
   batch_d = {"image": jax.ShapeDtypeStruct((batch, *arch.image_size, 3), jnp.float32),
              "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
   t = time.perf_counter()
-  options = CPU_MEMORY_SCHEDULER if memory_scheduler and jax.default_backend() == "cpu" else {}
   compiled = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=(0,)).lower(
-      state, frozen, batch_d).compile(compiler_options=options)
+      state, frozen, batch_d).compile()
   return compiled, time.perf_counter() - t
 
 
@@ -172,19 +173,15 @@ def remat_section(models, batch: int) -> dict:
   out = {}
   for name in models:
     res = {}
-    for sched in ("memory_scheduler", "cpu_default_scheduler"):
-      for remat in ("none", "block", "dots"):
-        compiled, secs = abstract_step(BIG[name], batch, remat=remat,
-                                       memory_scheduler=sched == "memory_scheduler")
-        res[f"{sched}/{remat}"] = {
-            "temp_mib": round(compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, 1),
-            "step_gflops": round(compiled.cost_analysis()["flops"] / 1e9, 2),
-            "compile_s": round(secs, 1)}
-      for remat in ("block", "dots"):
-        a, b = res[f"{sched}/{remat}"], res[f"{sched}/none"]
-        res[f"{sched}/{remat}_over_none"] = {
-            "temp": round(a["temp_mib"] / b["temp_mib"], 3),
-            "flops": round(a["step_gflops"] / b["step_gflops"], 3)}
+    for remat in ("none", "block", "dots"):
+      compiled, secs = abstract_step(BIG[name], batch, remat=remat)
+      res[remat] = {"temp_mib": round(compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, 1),
+                    "step_gflops": round(compiled.cost_analysis()["flops"] / 1e9, 2),
+                    "compile_s": round(secs, 1)}
+    for remat in ("block", "dots"):
+      res[f"{remat}_over_none"] = {
+          "temp": round(res[remat]["temp_mib"] / res["none"]["temp_mib"], 3),
+          "flops": round(res[remat]["step_gflops"] / res["none"]["step_gflops"], 3)}
     out[name] = res
   return {"section": "remat", "batch": batch, "protocol": "vpt_deep_p50/fast", "models": out,
           "targets": {"temp": "<= 0.5", "flops": "<= 1.4"}}
@@ -257,10 +254,15 @@ def main() -> None:
   ap.add_argument("--device-gib", type=float, default=16.0)
   ap.add_argument("--capacity-check", default="vit-b16",
                   help="also compile this model at full depth to check the depth fit")
+  ap.add_argument("--cpu-default-scheduler", action="store_true",
+                  help="--memory: keep XLA:CPU's concurrency-optimised scheduler")
   args = ap.parse_args()
   if args.memory:
+    if not args.cpu_default_scheduler:
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_MEMORY_SCHEDULER}"
     base = {"benchmark": "step_cost_memory", "backend": jax.default_backend(),
-            "host": platform.node()}
+            "host": platform.node(),
+            "cpu_scheduler": "default" if args.cpu_default_scheduler else "memory"}
     for section in args.memory.split(","):
       if section == "remat":
         res = remat_section(args.remat_models.split(","), args.memory_batch)
