@@ -16,6 +16,7 @@ import pytest
 
 from configs import demo
 from vpt_jax import prompts
+from vpt_jax.models import heads
 from vpt_jax.tuning import loop, memory, rules, steps
 from vpt_jax.weights.npz import Architecture
 
@@ -66,6 +67,29 @@ def test_remat_keeps_logits_and_gradients(setup, remat):
   assert leaves and all(np.abs(np.asarray(g)).max() > 1e-4 for g in leaves)  # gradients flow
   for path, got, want in zip(rules.leaf_paths(got_grads), jax.tree.leaves(got_grads), leaves):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0, err_msg=path)
+
+
+def test_remat_with_a_hook_that_has_parameters_in_the_block(setup):
+  """Adapters read their own parameters inside the recomputed block (the MLP-output hook)."""
+  images, labels = setup[0][:2], setup[1][:2]
+  out = []
+  for remat in ("none", "block"):
+    base = TINY.model(remat=remat)
+    model = heads.attach(base, heads.default_config(), **rules.protocol_modules("adapter"))
+    variables = jax.jit(base.init)(jax.random.PRNGKey(0), images[:1])
+    modules = jax.tree.map(lambda x: x + 0.1, heads.init_modules(model, jax.random.PRNGKey(1)))
+    params = {**variables["params"], "head": setup[2]["params"]["head"]}  # non-zero head
+    variables = {**variables, "params": params, heads.COLLECTION: modules}
+    trainable, frozen = rules.split(
+        variables, rules.label(variables, rules.protocol_patterns("adapter")))
+    out.append(jax.jit(jax.value_and_grad(steps.make_loss_fn(model), has_aux=True))(
+        trainable, frozen, images, labels, jax.random.PRNGKey(0)))
+  (_, want_logits), want = out[0]
+  (_, got_logits), got = out[1]
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-6, rtol=0)
+  assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(want[heads.COLLECTION])) > 0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
 def test_remat_recomputes_in_the_backward_pass(setup):

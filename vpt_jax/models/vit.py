@@ -201,9 +201,15 @@ class Encoder1DBlock(nn.Module):
 
 
 class _PositionalBlock(Encoder1DBlock):
-  """Encoder1DBlock with positional arguments, which `nn.remat` needs to mark the static ones."""
+  """Encoder1DBlock with positional arguments, which `nn.remat` needs to mark the static ones.
 
-  def __call__(self, x, memory, extra_kv, key_mask, query_rows, mlp_hook, train):  # type: ignore
+  The hooks module comes as an argument (not a bound method), so the lifted transform sees its
+  variables (adapters' MLP-output hook reads its own parameters inside the recomputed block).
+  """
+
+  def __call__(self, x, memory, extra_kv, key_mask, hooks, layer, query_rows,  # type: ignore
+               train):
+    mlp_hook = None if hooks is None else functools.partial(hooks.mlp_output, layer, train=train)
     return super().__call__(x, memory=memory, extra_kv=extra_kv, key_mask=key_mask,
                             query_rows=query_rows, mlp_hook=mlp_hook, train=train)
 
@@ -211,7 +217,7 @@ class _PositionalBlock(Encoder1DBlock):
 def _remat_block(remat: str) -> Any:
   """The block recomputed in the backward pass (`remat`: see the module docstring)."""
   policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
-  return nn.remat(_PositionalBlock, policy=policy, static_argnums=(5, 6, 7))
+  return nn.remat(_PositionalBlock, policy=policy, static_argnums=(6, 7, 8))
 
 
 class Encoder(nn.Module):
@@ -245,16 +251,17 @@ class Encoder(nn.Module):
         mlp_hook = functools.partial(hooks.mlp_output, i, train=train)
       num_prompts = step.num_prompts
       last = self.class_token_only and i == self.depth - 1
-      args = dict(memory=step.memory, extra_kv=step.extra_kv, key_mask=step.key_mask,
-                  query_rows=1 if last else None, mlp_hook=mlp_hook, train=train)
+      query_rows = 1 if last else None
       if self.remat == "none":
         block = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
                                self.approximate_gelu, name=f"encoderblock_{i}")
-        x = block(step.tokens, **args)
+        x = block(step.tokens, memory=step.memory, extra_kv=step.extra_kv, key_mask=step.key_mask,
+                  query_rows=query_rows, mlp_hook=mlp_hook, train=train)
       else:
         block = _remat_block(self.remat)(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
                                          self.approximate_gelu, name=f"encoderblock_{i}")
-        x = block(step.tokens, *args.values())
+        x = block(step.tokens, step.memory, step.extra_kv, step.key_mask, hooks, i, query_rows,
+                  train)
       self.sow("intermediates", f"block_{i}", x)
     if not self.final_norm:
       return x, num_prompts
