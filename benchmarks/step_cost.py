@@ -197,12 +197,15 @@ def compile_section(name: str, batch: int) -> dict:
 
 SETUPS = {  # (compute dtype, frozen storage, frozen sharded, remat)
     "float32_replicated": ("float32", "float32", False, "none"),
+    "float32_sharded_remat": ("float32", "float32", True, "block"),
+    # XLA:CPU has no bf16 matmul: it converts the operands to float32, so these temp figures hold
+    # float32 copies of the kernels that a TPU never makes (an upper bound there).
     "bf16_sharded_remat": ("bfloat16", "bfloat16", True, "block"),
 }
 
 
 def capacity_section(models, devices: int, global_batch: int, device_gib: float,
-                     check: str) -> dict:
+                     check: str, setups=tuple(SETUPS)) -> dict:
   """Per-device bytes of the step on `devices` devices at `global_batch`: XLA's temp memory of one
   device's step (batch global / devices), fitted a + b * depth from the compiled depth-2 and
   depth-4 steps (checked against the full-depth compile of `check`), plus the arguments that
@@ -210,7 +213,8 @@ def capacity_section(models, devices: int, global_batch: int, device_gib: float,
   sharded) and, when sharded, two layers' gathered weights (the one in use and the next)."""
   per = global_batch // devices
   out, fits = {}, {}
-  for setup, (dtype, fdtype, sharded, remat) in SETUPS.items():
+  for setup in setups:
+    dtype, fdtype, sharded, remat = SETUPS[setup]
     for name in models:
       arch = BIG[name]
       temps = {d: abstract_step(arch, per, remat=remat, dtype=dtype, frozen_dtype=fdtype,
@@ -252,6 +256,7 @@ def main() -> None:
   ap.add_argument("--capacity-devices", type=int, default=8)
   ap.add_argument("--capacity-batch", type=int, default=64)
   ap.add_argument("--device-gib", type=float, default=16.0)
+  ap.add_argument("--capacity-setups", default=",".join(SETUPS))
   ap.add_argument("--capacity-check", default="vit-b16",
                   help="also compile this model at full depth to check the depth fit")
   ap.add_argument("--cpu-default-scheduler", action="store_true",
@@ -270,7 +275,8 @@ def main() -> None:
         res = compile_section(args.compile_model, args.memory_batch)
       elif section == "capacity":
         res = capacity_section(args.capacity_models.split(","), args.capacity_devices,
-                               args.capacity_batch, args.device_gib, args.capacity_check)
+                               args.capacity_batch, args.device_gib, args.capacity_check,
+                               args.capacity_setups.split(","))
       else:
         raise SystemExit(f"--memory: unknown section {section!r} (remat, compile, capacity)")
       print(json.dumps(base | res), flush=True)
