@@ -17,7 +17,7 @@ import pytest
 from configs import demo
 from vpt_jax import prompts
 from vpt_jax.models import heads
-from vpt_jax.tuning import loop, memory, rules, steps
+from vpt_jax.tuning import build, loop, memory, rules, steps
 from vpt_jax.weights.npz import Architecture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,3 +177,11 @@ def test_bf16_training_learns_on_the_demo(tmp_path):
             if "train/loss" in r]
   assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
   assert results["test_top1"] > 0.2, results["test_top1"]
+
+
+@pytest.mark.parametrize("key,value", [("remat", "all"), ("frozen_dtype", "float16"),
+                                       ("frozen_sharding", "fsdp")])
+def test_bad_memory_options_are_refused_by_name(key, value):
+  config = demo.get_config(f"vpt-deep,model.{key}={value}")
+  with pytest.raises(ValueError, match=rf"model\.{key}={value!r}"):
+    build.check_config(config)
