@@ -21,7 +21,9 @@ step's XLA temp memory and FLOPs for ViT-B/16 and ViT-L/16 at batch 32 with mode
 block / dots (target: <= 0.5x the memory at <= 1.4x the FLOPs); `compile` the seconds to compile
 the ViT-H/14 step; `capacity` the per-device memory of the step on an 8-device host at batch 64
 (8 per device) for ViT-B ... ViT-e, replicated float32 vs bf16 + frozen weights stored in bf16 and
-sharded over the devices + remat (README, "Big backbones").
+sharded over the devices + remat (README, "Big backbones"); `sharded` (with --memory=sharded
+alone: it starts 8 host devices) the ViT-B/16 step compiled over 8 devices with the frozen
+weights replicated vs sharded, per-device arguments and temp memory.
 """
 
 from __future__ import annotations
@@ -195,6 +197,36 @@ def compile_section(name: str, batch: int) -> dict:
   return {"section": "compile", "model": name, "batch": batch, "depth": BIG[name].depth, **out}
 
 
+def sharded_section(name: str, devices: int, global_batch: int) -> dict:
+  """The step compiled over `devices` devices (XLA_FLAGS host devices on CPU) with the frozen
+  weights replicated vs sharded (model.frozen_sharding): per-device arguments and temp memory."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  model, frozen, state, tx, schedule = abstract_parts(BIG[name], remat="block")
+  arch = BIG[name]
+  batch_d = {"image": jax.ShapeDtypeStruct((global_batch, *arch.image_size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32)}
+  out, held_bytes = {}, {}
+  for kind in memory.FROZEN_SHARDINGS:
+    fs = memory.frozen_shardings(frozen, mesh, kind)
+    held = sum(np.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x, s in zip(jax.tree.leaves(frozen), jax.tree.leaves(fs)))
+    step = memory.gathered(steps.make_train_step(model, tx, schedule), fs, replicated)
+    compiled = jax.jit(step, donate_argnums=(0,), in_shardings=(replicated, fs, batch_s),
+                       out_shardings=(replicated, replicated)).lower(state, frozen,
+                                                                     batch_d).compile()
+    ma = compiled.memory_analysis()
+    held_bytes[kind] = held
+    out[kind] = {"frozen_per_device_mib": round(held / 2 ** 20, 1),
+                 "arguments_per_device_mib": round(ma.argument_size_in_bytes / 2 ** 20, 1),
+                 "temp_per_device_mib": round(ma.temp_size_in_bytes / 2 ** 20, 1)}
+  out["frozen_sharded_over_replicated"] = round(held_bytes["sharded"] / held_bytes["replicated"],
+                                                4)
+  return {"section": "sharded", "model": name, "devices": devices, "global_batch": global_batch,
+          "remat": "block", **out}
+
+
 SETUPS = {  # (compute dtype, frozen storage, frozen sharded, remat)
     "float32_replicated": ("float32", "float32", False, "none"),
     "float32_sharded_remat": ("float32", "float32", True, "block"),
@@ -257,14 +289,17 @@ def main() -> None:
   ap.add_argument("--capacity-batch", type=int, default=64)
   ap.add_argument("--device-gib", type=float, default=16.0)
   ap.add_argument("--capacity-setups", default=",".join(SETUPS))
+  ap.add_argument("--sharded-model", default="vit-b16")
   ap.add_argument("--capacity-check", default="vit-b16",
                   help="also compile this model at full depth to check the depth fit")
   ap.add_argument("--cpu-default-scheduler", action="store_true",
                   help="--memory: keep XLA:CPU's concurrency-optimised scheduler")
   args = ap.parse_args()
   if args.memory:
-    if not args.cpu_default_scheduler:
-      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_MEMORY_SCHEDULER}"
+    flags = [] if args.cpu_default_scheduler else [CPU_MEMORY_SCHEDULER]
+    if "sharded" in args.memory:  # host devices for the sharded section (CPU only)
+      flags.append(f"--xla_force_host_platform_device_count={args.capacity_devices}")
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags)
     base = {"benchmark": "step_cost_memory", "backend": jax.default_backend(),
             "host": platform.node(),
             "cpu_scheduler": "default" if args.cpu_default_scheduler else "memory"}
@@ -273,12 +308,15 @@ def main() -> None:
         res = remat_section(args.remat_models.split(","), args.memory_batch)
       elif section == "compile":
         res = compile_section(args.compile_model, args.memory_batch)
+      elif section == "sharded":
+        res = sharded_section(args.sharded_model, args.capacity_devices, args.capacity_batch)
       elif section == "capacity":
         res = capacity_section(args.capacity_models.split(","), args.capacity_devices,
                                args.capacity_batch, args.device_gib, args.capacity_check,
                                args.capacity_setups.split(","))
       else:
-        raise SystemExit(f"--memory: unknown section {section!r} (remat, compile, capacity)")
+        raise SystemExit(f"--memory: unknown section {section!r} "
+                         "(remat, compile, capacity, sharded)")
       print(json.dumps(base | res), flush=True)
     return
   matmul = matmul_flops_per_s()
