@@ -12,12 +12,26 @@ run. Targets (issue 3): VPT step <= 2.05x its forward FLOPs; achieved >= 80% of 
 Targets (issue 9): VPT-deep fast forward <= 1.05x the plain ViT's forward FLOPs; VPT-deep fast
 train step >= 1.3x the images/s of the straightforward path.
 Weights are random (the cost does not depend on them), so no checkpoint is downloaded.
+
+    python benchmarks/step_cost.py --memory=remat,compile,capacity   # issue 18, compile-only
+
+prints, instead, one JSON line per section, from compiled steps of shapes alone (no weights are
+allocated, so the figures do not depend on the machine's load): `remat` the VPT-deep p=50 train
+step's XLA temp memory and FLOPs for ViT-B/16 and ViT-L/16 at batch 32 with model.remat none /
+block / dots (target: <= 0.5x the memory at <= 1.4x the FLOPs); `compile` the seconds to compile
+the ViT-H/14 step; `capacity` the per-device memory of the step on an 8-device host at batch 64
+(8 per device) for ViT-B ... ViT-e, replicated float32 vs bf16 + frozen weights stored in bf16 and
+sharded over the devices + remat (README, "Big backbones"); `sharded` (with --memory=sharded
+alone: it starts 8 host devices) the ViT-B/16 step compiled over 8 devices with the frozen
+weights replicated vs sharded, per-device arguments and temp memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import time
 
@@ -26,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpt_jax import prompts
-from vpt_jax.tuning import optim, rules, steps
+from vpt_jax.tuning import memory, optim, rules, steps
 from vpt_jax.weights.npz import Architecture
 
 MODELS = {
@@ -45,6 +59,17 @@ PROTOCOLS = {
     "linear": ("linear", None),
 }
 PATHS = {"fast": True, "straightforward": False}
+# Larger ViTs for the memory sections (shapes from the ViT / big_vision papers' tables).
+BIG = {
+    "tiny": MODELS["tiny"], "vit-b16": MODELS["vit-b16"],
+    **{name: dataclasses.replace(MODELS["vit-b16"], patch_size=(p, p), grid=(224 // p,) * 2,
+                                 width=w, depth=d, num_heads=h, mlp_dim=m)
+       for name, p, w, d, h, m in (("vit-l16", 16, 1024, 24, 16, 4096),
+                                   ("vit-h14", 14, 1280, 32, 16, 5120),
+                                   ("vit-g14", 14, 1408, 40, 16, 6144),
+                                   ("vit-G14", 14, 1664, 48, 16, 8192),
+                                   ("vit-e14", 14, 1792, 56, 16, 15360))},
+}
 
 
 def matmul_flops_per_s(n: int = 4096, reps: int = 5) -> float:
@@ -103,6 +128,151 @@ def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, n_steps: i
   }
 
 
+# ------------------------------------------------------------------------------------------------
+# Issue 18: memory, from compiled steps of abstract shapes.
+
+
+def nbytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def abstract_parts(arch: Architecture, *, remat: str = "none", dtype: str = "float32",
+                   frozen_dtype: str = "float32", depth: int = 0):
+  """(VPT-deep p=50 model, frozen tree, train state, optimizer, schedule), shapes only."""
+  model = arch.model(fast_path=True, remat=remat, dtype=jnp.dtype(dtype), depth=depth or arch.depth)
+  cfg = prompts.default_config()
+  cfg.update(dict(length=50, deep=True))
+  model = prompts.attach(model, cfg)
+  image = jax.ShapeDtypeStruct((1, *arch.image_size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
+  trainable, frozen = rules.split(variables, rules.label(variables, rules.protocol_patterns("vpt")))
+  frozen = memory.store_frozen(frozen, frozen_dtype)
+  tx, schedule = optim.make_optimizer(optim.default_optim_config(), steps_per_epoch=100)
+  state = jax.eval_shape(lambda t: steps.create_train_state(t, tx, jax.random.PRNGKey(1)),
+                         trainable)
+  return model, frozen, state, tx, schedule
+
+
+# XLA:CPU's default scheduler orders for concurrency and runs the backward pass's recomputations
+# early, which keeps most of what remat meant to free; the memory-minimising scheduler (TPU and
+# GPU compilers schedule for memory by default) runs them where they are needed. --memory sections
+# use it unless --cpu-default-scheduler (XLA_FLAGS, set before the backend starts).
+CPU_MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def abstract_step(arch: Architecture, batch: int, **kw):
+  """(compiled VPT-deep p=50 train step, its compile seconds) from shapes alone."""
+  model, frozen, state, tx, schedule = abstract_parts(arch, **kw)
+  batch_d = {"image": jax.ShapeDtypeStruct((batch, *arch.image_size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  t = time.perf_counter()
+  compiled = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=(0,)).lower(
+      state, frozen, batch_d).compile()
+  return compiled, time.perf_counter() - t
+
+
+def remat_section(models, batch: int) -> dict:
+  out = {}
+  for name in models:
+    res = {}
+    for remat in ("none", "block", "dots"):
+      compiled, secs = abstract_step(BIG[name], batch, remat=remat)
+      res[remat] = {"temp_mib": round(compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, 1),
+                    "step_gflops": round(compiled.cost_analysis()["flops"] / 1e9, 2),
+                    "compile_s": round(secs, 1)}
+    for remat in ("block", "dots"):
+      res[f"{remat}_over_none"] = {
+          "temp": round(res[remat]["temp_mib"] / res["none"]["temp_mib"], 3),
+          "flops": round(res[remat]["step_gflops"] / res["none"]["step_gflops"], 3)}
+    out[name] = res
+  return {"section": "remat", "batch": batch, "protocol": "vpt_deep_p50/fast", "models": out,
+          "targets": {"temp": "<= 0.5", "flops": "<= 1.4"}}
+
+
+def compile_section(name: str, batch: int) -> dict:
+  out = {}
+  for remat in ("none", "block"):
+    _, secs = abstract_step(BIG[name], batch, remat=remat)
+    out[f"remat_{remat}_compile_s"] = round(secs, 1)
+  return {"section": "compile", "model": name, "batch": batch, "depth": BIG[name].depth, **out}
+
+
+def sharded_section(name: str, devices: int, global_batch: int) -> dict:
+  """The step compiled over `devices` devices (XLA_FLAGS host devices on CPU) with the frozen
+  weights replicated vs sharded (model.frozen_sharding): per-device arguments and temp memory."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  model, frozen, state, tx, schedule = abstract_parts(BIG[name], remat="block")
+  arch = BIG[name]
+  batch_d = {"image": jax.ShapeDtypeStruct((global_batch, *arch.image_size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32)}
+  out, held_bytes = {}, {}
+  for kind in memory.FROZEN_SHARDINGS:
+    fs = memory.frozen_shardings(frozen, mesh, kind)
+    held = sum(np.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x, s in zip(jax.tree.leaves(frozen), jax.tree.leaves(fs)))
+    step = memory.gathered(steps.make_train_step(model, tx, schedule), fs, replicated)
+    compiled = jax.jit(step, donate_argnums=(0,), in_shardings=(replicated, fs, batch_s),
+                       out_shardings=(replicated, replicated)).lower(state, frozen,
+                                                                     batch_d).compile()
+    ma = compiled.memory_analysis()
+    held_bytes[kind] = held
+    out[kind] = {"frozen_per_device_mib": round(held / 2 ** 20, 1),
+                 "arguments_per_device_mib": round(ma.argument_size_in_bytes / 2 ** 20, 1),
+                 "temp_per_device_mib": round(ma.temp_size_in_bytes / 2 ** 20, 1)}
+  out["frozen_sharded_over_replicated"] = round(held_bytes["sharded"] / held_bytes["replicated"],
+                                                4)
+  return {"section": "sharded", "model": name, "devices": devices, "global_batch": global_batch,
+          "remat": "block", **out}
+
+
+SETUPS = {  # (compute dtype, frozen storage, frozen sharded, remat)
+    "float32_replicated": ("float32", "float32", False, "none"),
+    "float32_sharded_remat": ("float32", "float32", True, "block"),
+    # XLA:CPU has no bf16 matmul: it converts the operands to float32, so these temp figures hold
+    # float32 copies of the kernels that a TPU never makes (an upper bound there).
+    "bf16_sharded_remat": ("bfloat16", "bfloat16", True, "block"),
+}
+
+
+def capacity_section(models, devices: int, global_batch: int, device_gib: float,
+                     check: str, setups=tuple(SETUPS)) -> dict:
+  """Per-device bytes of the step on `devices` devices at `global_batch`: XLA's temp memory of one
+  device's step (batch global / devices), fitted a + b * depth from the compiled depth-2 and
+  depth-4 steps (checked against the full-depth compile of `check`), plus the arguments that
+  device holds: the train state (replicated), the frozen backbone (all of it, or 1/devices when
+  sharded) and, when sharded, two layers' gathered weights (the one in use and the next)."""
+  per = global_batch // devices
+  out, fits = {}, {}
+  for setup in setups:
+    dtype, fdtype, sharded, remat = SETUPS[setup]
+    for name in models:
+      arch = BIG[name]
+      temps = {d: abstract_step(arch, per, remat=remat, dtype=dtype, frozen_dtype=fdtype,
+                                depth=d)[0].memory_analysis().temp_size_in_bytes for d in (2, 4)}
+      temp = temps[2] + (temps[4] - temps[2]) / 2 * (arch.depth - 2)
+      _, frozen, state, _, _ = abstract_parts(arch, remat=remat, dtype=dtype, frozen_dtype=fdtype)
+      layer = nbytes(frozen["params"]["Transformer"]["encoderblock_0"])
+      fb = nbytes(frozen)
+      held = fb / devices + 2 * layer if sharded else fb
+      total = temp + nbytes(state) + held
+      r = {"temp_gib": round(temp / 2 ** 30, 2), "frozen_gib": round(fb / 2 ** 30, 2),
+           "frozen_held_gib": round(held / 2 ** 30, 2),
+           "state_mib": round(nbytes(state) / 2 ** 20, 1),
+           "per_device_gib": round(total / 2 ** 30, 2), "fits": total <= device_gib * 2 ** 30}
+      if name == check:
+        compiled, _ = abstract_step(arch, per, remat=remat, dtype=dtype, frozen_dtype=fdtype)
+        full = compiled.memory_analysis().temp_size_in_bytes
+        r["temp_full_compile_gib"] = round(full / 2 ** 30, 2)
+        r["fit_error"] = round(temp / full - 1, 3)
+      out[f"{setup}/{name}"] = r
+    fits[setup] = [n for n in models if out[f"{setup}/{n}"]["fits"]]
+  return {"section": "capacity", "devices": devices, "global_batch": global_batch,
+          "device_gib": device_gib, "protocol": "vpt_deep_p50/fast", "models": out,
+          "largest_that_fits": {k: (v[-1] if v else None) for k, v in fits.items()}}
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--models", default="tiny,vit-b16")
@@ -110,7 +280,45 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--paths", default="fast,straightforward")
   ap.add_argument("--protocols", default=",".join(PROTOCOLS))
+  ap.add_argument("--memory", default="", help="issue 18 sections instead: remat,compile,capacity")
+  ap.add_argument("--memory-batch", type=int, default=32)
+  ap.add_argument("--remat-models", default="vit-b16,vit-l16")
+  ap.add_argument("--compile-model", default="vit-h14")
+  ap.add_argument("--capacity-models", default=",".join(list(BIG)[1:]))
+  ap.add_argument("--capacity-devices", type=int, default=8)
+  ap.add_argument("--capacity-batch", type=int, default=64)
+  ap.add_argument("--device-gib", type=float, default=16.0)
+  ap.add_argument("--capacity-setups", default=",".join(SETUPS))
+  ap.add_argument("--sharded-model", default="vit-b16")
+  ap.add_argument("--capacity-check", default="vit-b16",
+                  help="also compile this model at full depth to check the depth fit")
+  ap.add_argument("--cpu-default-scheduler", action="store_true",
+                  help="--memory: keep XLA:CPU's concurrency-optimised scheduler")
   args = ap.parse_args()
+  if args.memory:
+    flags = [] if args.cpu_default_scheduler else [CPU_MEMORY_SCHEDULER]
+    if "sharded" in args.memory:  # host devices for the sharded section (CPU only)
+      flags.append(f"--xla_force_host_platform_device_count={args.capacity_devices}")
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags)
+    base = {"benchmark": "step_cost_memory", "backend": jax.default_backend(),
+            "host": platform.node(),
+            "cpu_scheduler": "default" if args.cpu_default_scheduler else "memory"}
+    for section in args.memory.split(","):
+      if section == "remat":
+        res = remat_section(args.remat_models.split(","), args.memory_batch)
+      elif section == "compile":
+        res = compile_section(args.compile_model, args.memory_batch)
+      elif section == "sharded":
+        res = sharded_section(args.sharded_model, args.capacity_devices, args.capacity_batch)
+      elif section == "capacity":
+        res = capacity_section(args.capacity_models.split(","), args.capacity_devices,
+                               args.capacity_batch, args.device_gib, args.capacity_check,
+                               args.capacity_setups.split(","))
+      else:
+        raise SystemExit(f"--memory: unknown section {section!r} "
+                         "(remat, compile, capacity, sharded)")
+      print(json.dumps(base | res), flush=True)
+    return
   matmul = matmul_flops_per_s()
   out = {"benchmark": "step_cost", "device": str(jax.devices()[0].device_kind),
          "backend": jax.default_backend(), "host": platform.node(), "batch": args.batch,

@@ -36,10 +36,17 @@ def backbone(checkpoint: str = "vit-b16-i21k") -> ml_collections.ConfigDict:
     (the official VPT head: N(0, 2 / num_classes) weights, bias -log 99; every preset uses it).
   fast_path: compute only what the output needs (exact: same logits and gradients): VPT-deep
     prompts as keys/values only, a class-token-only last layer; False = the straightforward path.
+  remat: 'none', 'block' (recompute each block's attention and MLP in the backward pass) or
+    'dots' (recompute them but keep the weight-matmul outputs): less memory, same results.
+  frozen_dtype: storage of the frozen matmul kernels on the device, 'float32' or 'bfloat16'
+    (half their memory; no change of results when dtype='bfloat16', which casts them anyway).
+  frozen_sharding: 'replicated' (every device holds the backbone) or 'sharded' (each holds 1/n
+    of it, gathered per layer by XLA; the batch stays data-parallel). `vpt_jax.tuning.memory`.
   """
   return ml_collections.ConfigDict(dict(
       checkpoint=checkpoint, image_size=0, num_classes=0, drop_pre_logits=False,
-      dtype="float32", fast_path=True, family="auto", num_heads=0, head_init="zeros"))
+      dtype="float32", fast_path=True, family="auto", num_heads=0, head_init="zeros",
+      remat="none", frozen_dtype="float32", frozen_sharding="replicated"))
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -26,6 +26,11 @@ attention scaled by 1/sqrt(head_dim), softmax in float32. `dtype` sets the compu
 matmuls/convs only; parameters, LayerNorm statistics, the residual stream, softmax and the logits
 stay float32.
 
+`remat` trades compute for memory in the backward pass (exact: the same operations run again):
+'block' keeps only each block's inputs and recomputes the block's forward pass in the backward
+pass, 'dots' also keeps the outputs of its weight matmuls
+(`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+
 Intermediate arrays are sown into the 'intermediates' collection (`stem`, `block_{i}`, `encoded`,
 `pooled`, `head_input`, and each attention's weights) so tests and tools can read them with
 `mutable=['intermediates']`, at no cost otherwise.
@@ -47,6 +52,7 @@ Dtype = Any
 
 LN_EPS = 1e-6
 POOL_TYPES = ("token", "gap", "gap_patches", "map")
+REMAT = ("none", "block", "dots")
 
 
 class MlpBlock(nn.Module):
@@ -194,6 +200,26 @@ class Encoder1DBlock(nn.Module):
     return x + y
 
 
+class _PositionalBlock(Encoder1DBlock):
+  """Encoder1DBlock with positional arguments, which `nn.remat` needs to mark the static ones.
+
+  The hooks module comes as an argument (not a bound method), so the lifted transform sees its
+  variables (adapters' MLP-output hook reads its own parameters inside the recomputed block).
+  """
+
+  def __call__(self, x, memory, extra_kv, key_mask, hooks, layer, query_rows,  # type: ignore
+               train):
+    mlp_hook = None if hooks is None else functools.partial(hooks.mlp_output, layer, train=train)
+    return super().__call__(x, memory=memory, extra_kv=extra_kv, key_mask=key_mask,
+                            query_rows=query_rows, mlp_hook=mlp_hook, train=train)
+
+
+def _remat_block(remat: str) -> Any:
+  """The block recomputed in the backward pass (`remat`: see the module docstring)."""
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+  return nn.remat(_PositionalBlock, policy=policy, static_argnums=(6, 7, 8))
+
+
 class Encoder(nn.Module):
   """The stack of blocks plus the final LayerNorm, with the hook points per layer.
 
@@ -210,11 +236,14 @@ class Encoder(nn.Module):
   class_token_only: bool = False
   approximate_gelu: bool = True
   final_norm: bool = True
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, *, hooks: Optional[Hooks] = None, start_layer: int = 0,
                num_prompts: int = 0, train: bool = False) -> Tuple[Array, int]:
     """(the encoded tokens, how many of them after the prefix are prompts)."""
+    if self.remat not in REMAT:
+      raise ValueError(f"unknown remat {self.remat!r}; expected one of {REMAT}")
     for i in range(start_layer, self.depth):
       step, mlp_hook = LayerInput(x, num_prompts), None
       if hooks is not None:
@@ -222,13 +251,17 @@ class Encoder(nn.Module):
         mlp_hook = functools.partial(hooks.mlp_output, i, train=train)
       num_prompts = step.num_prompts
       last = self.class_token_only and i == self.depth - 1
-      x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                         self.approximate_gelu,
-                         name=f"encoderblock_{i}")(step.tokens, memory=step.memory,
-                                                   extra_kv=step.extra_kv,
-                                                   key_mask=step.key_mask,
-                                                   query_rows=1 if last else None,
-                                                   mlp_hook=mlp_hook, train=train)
+      query_rows = 1 if last else None
+      if self.remat == "none":
+        block = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                               self.approximate_gelu, name=f"encoderblock_{i}")
+        x = block(step.tokens, memory=step.memory, extra_kv=step.extra_kv, key_mask=step.key_mask,
+                  query_rows=query_rows, mlp_hook=mlp_hook, train=train)
+      else:
+        block = _remat_block(self.remat)(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                                         self.approximate_gelu, name=f"encoderblock_{i}")
+        x = block(step.tokens, step.memory, step.extra_kv, step.key_mask, hooks, i, query_rows,
+                  train)
       self.sow("intermediates", f"block_{i}", x)
     if not self.final_norm:
       return x, num_prompts
@@ -282,6 +315,8 @@ class VisionTransformer(nn.Module):
       False: the straightforward computation of every row (all intermediates full size).
     approximate_gelu: True (default) the tanh form of GELU (the Google checkpoints); False the
       exact erf form (PyTorch's nn.GELU: MAE, MoCo v3).
+    remat: 'none', 'block' or 'dots': what the backward pass recomputes instead of storing
+      (module docstring); the same logits and gradients, less memory.
     fc_norm: the final LayerNorm normalises the pooled feature (`fc_norm`, MAE's global pool)
       instead of every token (`Transformer/encoder_norm`).
   """
@@ -306,6 +341,7 @@ class VisionTransformer(nn.Module):
   fast_path: bool = True
   approximate_gelu: bool = True
   fc_norm: bool = False
+  remat: str = "none"
 
   @property
   def grid(self) -> Tuple[int, int]:
@@ -384,7 +420,8 @@ class VisionTransformer(nn.Module):
     x, num_prompts = Encoder(
         self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
         class_token_only=self.fast_path and self.pool_type == "token",
-        approximate_gelu=self.approximate_gelu, final_norm=not self.fc_norm, name="Transformer")(
+        approximate_gelu=self.approximate_gelu, final_norm=not self.fc_norm, remat=self.remat,
+        name="Transformer")(
             x, hooks=self.hooks, start_layer=start_layer, num_prompts=num_prompts, train=train)
     self.sow("intermediates", "encoded", x)
     if self.hooks is not None:

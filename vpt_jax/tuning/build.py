@@ -18,8 +18,8 @@ import ml_collections
 from vpt_jax import prompts, utils
 from vpt_jax.models import heads
 from vpt_jax.models.hooks import hook_parts
-from vpt_jax.models.vit import VisionTransformer
-from vpt_jax.tuning import cache, families, head_init, optim, rules
+from vpt_jax.models.vit import REMAT, VisionTransformer
+from vpt_jax.tuning import cache, families, head_init, memory, optim, rules
 from vpt_jax.weights import backbones, download
 
 _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data",
@@ -27,7 +27,7 @@ _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainabl
               "checkpoint_every_steps", "keep_checkpoints", "modules", "cache_features",
               "seg"}
 # Model fields that determine the parameters and their function (not execution choices such as
-# `fast_path` or `dtype`).
+# `fast_path`, `dtype` or `remat`).
 ARCHITECTURE = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes",
                 "pool_type", "class_token", "posemb_cls_row", "representation_size", "in_channels")
 # Architecture fields added later (PyTorch ViTs): in a fingerprint only when they differ from the
@@ -129,6 +129,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config keep_checkpoints={config.keep_checkpoints} must be >= 1")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config model.dtype={config.model.dtype!r}: 'float32' or 'bfloat16'")
+  if config.model.get("remat", "none") not in REMAT:
+    raise ValueError(f"config model.remat={config.model.remat!r}: one of {REMAT}")
+  memory.check(config.model.get("frozen_dtype", "float32"),
+               config.model.get("frozen_sharding", "replicated"))
   optim.lr_schedule(config.optim, steps_per_epoch=1)  # checks lr / epochs / warmup
   if config.optim.name not in ("sgd", "adamw"):
     raise ValueError(f"config optim.name={config.optim.name!r}: expected 'sgd' or 'adamw'")
@@ -160,8 +164,16 @@ def build(config: ml_collections.ConfigDict, *, rng: Optional[jax.Array] = None)
       image_size=mcfg.image_size or None, num_classes=num_classes,
       drop_pre_logits=mcfg.drop_pre_logits, dtype=jnp.dtype(mcfg.dtype))
   if family in families.FAMILIES:
+    if mcfg.get("remat", "none") != "none":
+      raise ValueError(f"config model.remat={mcfg.remat!r}: the {family} backbone has no remat "
+                       "option (ViTs have)")
     return _build_other(config, family, base, variables, path, rng)
   base = base.clone(fast_path=mcfg.fast_path)  # read by prompts.attach too
+  if mcfg.get("remat", "none") != "none":
+    if not hasattr(base, "remat"):
+      raise ValueError(f"config model.remat={mcfg.remat!r}: the {type(base).__name__} backbone "
+                       "has no remat option (ViTs have)")
+    base = base.clone(remat=mcfg.remat)
   prompts.check_config(config.prompt, base)
   prompted = config.prompt.length or config.prompt.kv_length
   model = prompts.attach(base, config.prompt) if prompted else base

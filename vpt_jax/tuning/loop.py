@@ -21,7 +21,7 @@ import numpy as np
 from vpt_jax import utils
 from vpt_jax.data import pipeline, sources
 from vpt_jax.prompts import e2vpt
-from vpt_jax.tuning import build, cache, optim, pruning, rules, seg_loop, steps
+from vpt_jax.tuning import build, cache, memory, optim, pruning, rules, seg_loop, steps
 from vpt_jax.tuning import workdir as workdir_lib
 from vpt_jax.tuning.metrics import MetricWriter, Progress
 
@@ -43,6 +43,7 @@ class Run:
   tx: Any
   schedule: Any
   shardings: Tuple[Any, Any]     # (replicated, batch)
+  frozen_sharding: Any          # the frozen tree's: replicated or sharded (model.frozen_sharding)
   frozen: Tree
   state: steps.TrainState
   ckpt: workdir_lib.Checkpointer
@@ -104,6 +105,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   ckpt = workdir_lib.Checkpointer(workdir, built.fingerprint(), keep=config.keep_checkpoints,
                                  optim=config.optim.to_dict())
   state = workdir_lib.resume(ckpt, state, replicated, workdir, config, say)
+  frozen = memory.store_frozen(frozen, config.model.get("frozen_dtype", "float32"))
+  frozen_sharding = memory.frozen_shardings(frozen, replicated.mesh,
+                                            config.model.get("frozen_sharding", "replicated"))
   report = rules.param_report(built.variables, built.mask,
                               trainable_count=_pruned_count(built.variables, trainable))
   say(f"model: {model.depth} layers, width {model.width}, {config.model.num_classes} classes; "
@@ -113,7 +117,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   run = Run(config=config, workdir=workdir, built=built, model=model, train_pipe=train_pipe,
             eval_pipes=eval_pipes, steps_per_epoch=spe, total_steps=total, tx=tx,
             schedule=schedule, shardings=(replicated, batch_sharding),
-            frozen=jax.device_put(frozen, replicated), state=state, ckpt=ckpt, report=report,
+            frozen_sharding=frozen_sharding, frozen=jax.device_put(frozen, frozen_sharding),
+            state=state, ckpt=ckpt, report=report,
             deterministic=getattr(pre_train, "deterministic", False), say=say)
   return run
 
@@ -142,10 +147,12 @@ def cache_prefix(run: Run) -> None:
 
 def _jit_steps(run: Run) -> Tuple[Callable, Callable]:
   replicated, batch = run.shardings
-  train_step = jax.jit(steps.make_train_step(run.model, run.tx, run.schedule),
-                       donate_argnums=(0,), in_shardings=(replicated, replicated, batch),
+  gather = lambda step: memory.gathered(step, run.frozen_sharding, replicated)
+  train_step = jax.jit(gather(steps.make_train_step(run.model, run.tx, run.schedule)),
+                       donate_argnums=(0,), in_shardings=(replicated, run.frozen_sharding, batch),
                        out_shardings=(replicated, replicated))
-  eval_step = jax.jit(steps.make_eval_step(run.model), in_shardings=(replicated, replicated, batch),
+  eval_step = jax.jit(gather(steps.make_eval_step(run.model)),
+                      in_shardings=(replicated, run.frozen_sharding, batch),
                       out_shardings=replicated)
   return train_step, eval_step
 

@@ -1,0 +1,54 @@
+"""Run by tests/test_memory.py in a subprocess with 8 CPU devices (XLA_FLAGS set by the test).
+
+Prepares the demo VPT-deep run twice through the trainer's own code (`loop.prepare`,
+`loop._jit_steps`), with model.frozen_sharding 'replicated' and 'sharded', trains a few steps and
+prints one JSON line: per-device bytes of the frozen tree, and the largest differences of the
+logits and the trained prompts between the two.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from configs import demo
+from vpt_jax.tuning import loop, memory, rules, steps
+
+STEPS = 4
+
+
+def run(kind: str, workdir: str):
+  config = demo.get_config("vpt-deep,model.checkpoint=tiny-random,optim.epochs=1,"
+                           f"optim.warmup_epochs=0,model.frozen_sharding={kind}")
+  r = loop.prepare(config, workdir)
+  train_step, _ = loop._jit_steps(r)
+  batches = steps.prefetch_to_device(r.train_pipe.train_batches(0), r.shardings[1])
+  for _ in range(STEPS):
+    r.state, _ = train_step(r.state, r.frozen, next(batches))
+  batch = next(batches)
+  apply = lambda s, f, x: r.model.apply(rules.merge(s.trainable, f), x)
+  logits = jax.jit(memory.gathered(apply, r.frozen_sharding, r.shardings[0]))(
+      r.state, r.frozen, batch["image"])
+  specs = sorted({str(s.spec) for s in jax.tree.leaves(r.frozen_sharding)})
+  out = (np.asarray(logits), jax.device_get(r.state.trainable), memory.device_bytes(r.frozen),
+         specs)
+  r.ckpt.close()
+  return out
+
+
+def main(tmp: str) -> None:
+  assert jax.device_count() == 8, jax.device_count()
+  rep, shd = run("replicated", f"{tmp}/replicated"), run("sharded", f"{tmp}/sharded")
+  prompts = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(rep[1]),
+                                                            jax.tree.leaves(shd[1])))
+  moved = max(float(np.abs(a).max()) for a in jax.tree.leaves(rep[1]["prompts"]))
+  print(json.dumps({"devices": jax.device_count(), "steps": STEPS,
+                    "replicated_bytes_per_device": rep[2], "sharded_bytes_per_device": shd[2],
+                    "logits_max_diff": float(np.abs(rep[0] - shd[0]).max()),
+                    "trainable_max_diff": prompts, "prompts_max_abs": moved,
+                    "sharded_specs": shd[3]}))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
