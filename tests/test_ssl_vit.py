@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from conftest import ATOL, RTOL, adam_steps, data_path
 from vpt_jax import prompts
+from vpt_jax.models import hooks
 from vpt_jax.weights import torch_vit as ssl_vit
 from vpt_jax.weights import torch as tw
 
@@ -160,9 +161,28 @@ def test_plain_outputs(family, fast_path):
 
 def test_checkpoint_head_of_moco():
   io = dict(np.load(bb(FILES["moco"][1])))
-  model, params = ssl_vit.vit_from_torch(state("moco"), family="moco", num_heads=4, head=True)
+  sd = state("moco")
+  model, params = ssl_vit.vit_from_torch(sd, family="moco", num_heads=4, head=True)
+  _bytes_equal(np.ascontiguousarray(params["head"]["kernel"].T), sd["head.weight"], "head")
+  _bytes_equal(params["head"]["bias"], sd["head.bias"], "head bias")
   logits, _ = run(model, {"params": params}, io["images"].transpose(0, 2, 3, 1))
   check(logits, io["plain/ckpt_head_logits"], "ckpt_head_logits")
+
+
+class _FirstLayerInput(hooks.Hooks):
+  """Records what encoder layer 0 receives (the fixtures' `plain/tokens_in`)."""
+
+  def layer(self, layer, x, *, num_prompts, train):
+    if layer == 0:
+      self.sow("intermediates", "tokens_in", x)
+    return hooks.LayerInput(x, num_prompts)
+
+
+def test_tokens_in(family):
+  """Class token, then the patches, plus the file's position embedding (class-token row 0)."""
+  model = family["model"].clone(hooks=_FirstLayerInput())
+  _, inter = run(model, {"params": family["params"]}, family["images"])
+  check(inter["tokens_in"], family["io"]["plain/tokens_in"], "tokens_in")
 
 
 @pytest.mark.parametrize("fast_path", [True, False])
