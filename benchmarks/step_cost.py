@@ -24,6 +24,13 @@ the ViT-H/14 step; `capacity` the per-device memory of the step on an 8-device h
 sharded over the devices + remat (README, "Big backbones"); `sharded` (with --memory=sharded
 alone: it starts 8 host devices) the ViT-B/16 step compiled over 8 devices with the frozen
 weights replicated vs sharded, per-device arguments and temp memory.
+
+Swin (issue 16), `--models=swin-tiny,swin-b`: the plain Swin (linear probe = head only; full
+fine-tuning) next to VPT-shallow, VPT-deep and E2VPT (deep + 10 key-value prompts) for each prompt
+length of `--swin_prompts`, prompts + head trained. FLOPs come from compiling with abstract shapes
+(nothing allocated, load-independent); img/s from `--steps` timed steps (0: compile only). The
+extra tokens' share of the work is P / ws^2 (the prompts every window attends with, over its ws^2
+patch tokens); the target is a prompted forward whose FLOP overhead stays close to that share.
 """
 
 from __future__ import annotations
@@ -271,6 +278,98 @@ def capacity_section(models, devices: int, global_batch: int, device_gib: float,
   return {"section": "capacity", "devices": devices, "global_batch": global_batch,
           "device_gib": device_gib, "protocol": "vpt_deep_p50/fast", "models": out,
           "largest_that_fits": {k: (v[-1] if v else None) for k, v in fits.items()}}
+# Swin (issue 16): what VPT prompts cost on a Swin Transformer.
+
+SWIN_MODELS = {
+    # Swin-B at 224 (VPT Table 2's backbone), a 100-class head instead of the 21k one.
+    "swin-b": dict(image_size=(224, 224), patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
+                   num_heads=(4, 8, 16, 32), window_size=7, num_classes=100),
+    # The fixture-sized Swin of tests/data/swin (48 px, embed 8, window 3).
+    "swin-tiny": dict(image_size=(48, 48), patch_size=2, embed_dim=8, depths=(2, 2, 2, 2),
+                      num_heads=(2, 2, 4, 8), window_size=3, num_classes=10),
+}
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def swin_measure(model, trainable: str, batch: int, n_steps: int) -> dict:
+  """Forward and train-step (Adam) FLOPs of a Swin from abstract shapes; img/s when n_steps.
+
+  trainable: 'full' (every parameter) or 'head' (the head and any prompts; backbone frozen).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  opt = optax.adam(1e-3)
+
+  def split(v):
+    if trainable == "full":
+      return {"params": v["params"]}, {"params": {}}
+    t = {"params": {"head": v["params"]["head"]}, **({"prompts": v["prompts"]}
+                                                     if "prompts" in v else {})}
+    return t, {"params": {k: x for k, x in v["params"].items() if k != "head"}}
+
+  def forward(t, f, x):
+    v = {**f, **{k: x_ for k, x_ in t.items() if k != "params"},
+         "params": {**f["params"], **t["params"]}}
+    return model.apply(v, x)
+
+  def step(t, s, f, x, y):
+    loss = lambda t: optax.softmax_cross_entropy_with_integer_labels(forward(t, f, x), y).mean()
+    value, g = jax.value_and_grad(loss)(t)
+    u, s = opt.update(g, s, t)
+    return optax.apply_updates(t, u), s, value
+
+  shape = (batch, *model.image_size, model.in_channels)
+  init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape[1:]))
+  t_abs, f_abs = split(jax.eval_shape(init))
+  x_abs = jax.ShapeDtypeStruct(shape, jnp.float32)
+  y_abs = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  begin = time.perf_counter()
+  fwd = jax.jit(forward).lower(t_abs, f_abs, x_abs).compile()
+  stp = jax.jit(step, donate_argnums=(0, 1)).lower(
+      t_abs, jax.eval_shape(opt.init, t_abs), f_abs, x_abs, y_abs).compile()
+  out = {"trainable_params": rules.count(t_abs), "fwd_gflops": round(_flops(fwd) / 1e9, 3),
+         "step_gflops": round(_flops(stp) / 1e9, 3),
+         "compile_s": round(time.perf_counter() - begin, 1)}
+  if n_steps:
+    t, f = split(jax.jit(init)())
+    s = jax.jit(opt.init)(t)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    y = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
+    t, s, loss = stp(t, s, f, x, y)  # warm-up
+    loss.block_until_ready()
+    begin = time.perf_counter()
+    for _ in range(n_steps):
+      t, s, loss = stp(t, s, f, x, y)
+    loss.block_until_ready()
+    out["images_per_s"] = round(batch * n_steps / (time.perf_counter() - begin), 2)
+  return out
+
+
+def swin_report(name: str, lengths, batch: int, n_steps: int) -> dict:
+  """Plain Swin (linear, full) and VPT-shallow / VPT-deep / E2VPT for each prompt length."""
+  from vpt_jax.models import swin  # pylint: disable=g-import-not-at-top
+  from vpt_jax.prompts import swin as swin_prompts  # pylint: disable=g-import-not-at-top
+  cfg = SWIN_MODELS[name]
+  base = swin.SwinTransformer(**cfg)
+  res = {"linear": swin_measure(base, "head", batch, n_steps),
+         "full": swin_measure(base, "full", batch, n_steps)}
+  plain = res["linear"]
+  for p in lengths:
+    for arm, kw in (("vpt_shallow", dict(deep=False)), ("vpt_deep", dict(deep=True)),
+                    ("e2vpt_kv10", dict(deep=True, kv_length=10))):
+      r = swin_measure(swin_prompts.attach(base, length=p, **kw), "head", batch, n_steps)
+      r["fwd_over_plain_fwd"] = round(r["fwd_gflops"] / plain["fwd_gflops"], 4)
+      r["step_over_linear_step"] = round(r["step_gflops"] / plain["step_gflops"], 4)
+      r["step_over_full_step"] = round(r["step_gflops"] / res["full"]["step_gflops"], 4)
+      r["extra_token_share"] = round(p / cfg["window_size"] ** 2, 4)
+      if n_steps:
+        r["images_per_s_over_linear"] = round(r["images_per_s"] / plain["images_per_s"], 3)
+      res[f"{arm}_p{p}"] = r
+  return res
 
 
 def main() -> None:
@@ -294,6 +393,7 @@ def main() -> None:
                   help="also compile this model at full depth to check the depth fit")
   ap.add_argument("--cpu-default-scheduler", action="store_true",
                   help="--memory: keep XLA:CPU's concurrency-optimised scheduler")
+  ap.add_argument("--swin_prompts", default="10,50", help="Swin prompt lengths P")
   args = ap.parse_args()
   if args.memory:
     flags = [] if args.cpu_default_scheduler else [CPU_MEMORY_SCHEDULER]
@@ -324,6 +424,10 @@ def main() -> None:
          "backend": jax.default_backend(), "host": platform.node(), "batch": args.batch,
          "matmul_gflops_per_s": round(matmul / 1e9, 1), "models": {}}
   for name in args.models.split(","):
+    if name in SWIN_MODELS:
+      out["models"][name] = swin_report(
+          name, [int(p) for p in args.swin_prompts.split(",")], args.batch, args.steps)
+      continue
     res = {}
     for path in args.paths.split(","):
       for p in args.protocols.split(","):

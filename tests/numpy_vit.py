@@ -41,9 +41,13 @@ def attention(p, prefix, xq, xkv, extra_kv=None):
   return np.einsum("bqhk,hkd->bqd", o, g("out/kernel")) + g("out/bias")
 
 
-def mlp(p, prefix, x):
+def gelu_erf(x):
+  return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def mlp(p, prefix, x, exact_gelu=False):
   g = lambda n: np.asarray(p[f"{prefix}/{n}"], np.float64)
-  h = gelu_tanh(x @ g("Dense_0/kernel") + g("Dense_0/bias"))
+  h = (gelu_erf if exact_gelu else gelu_tanh)(x @ g("Dense_0/kernel") + g("Dense_0/bias"))
   return h @ g("Dense_1/kernel") + g("Dense_1/bias")
 
 
@@ -70,7 +74,7 @@ def head(p, f):
 
 def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=None,
             patch_tokens=None, return_tokens=False, mlp_scale=None, head_input=False,
-            mlp_fn=None, features_fn=None):
+            mlp_fn=None, features_fn=None, exact_gelu=False):
   """Logits (or features when there is no head) of a ViT.
 
   insert: {layer: (fn(x) -> x)} applied to the sequence before that layer.
@@ -81,6 +85,10 @@ def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=Non
   head_input: return the features the head reads (after pre_logits) instead of the logits.
   mlp_fn: {layer: fn(y) -> y} applied to that layer's MLP output before the residual (adapters).
   features_fn: fn(features) -> features between pre_logits and the head (MLP heads, side nets).
+  exact_gelu: the erf form of GELU (PyTorch's nn.GELU: MAE, MoCo v3) instead of the tanh form.
+  pool may also be a function of the token sequence (e.g. MAE's mean over every row but the
+  class token). The final LayerNorm is the one the parameters hold: `Transformer/encoder_norm`
+  over every token, or (MAE) `fc_norm` over the pooled feature.
   """
   g = lambda n: np.asarray(p[n], np.float64)
   t = embed_patches(p, images, patch) if patch_tokens is None else patch_tokens
@@ -99,12 +107,15 @@ def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=Non
     kv = extra_kv.get(i) if extra_kv else None
     t = t + attention(p, f"{blk}/MultiHeadDotProductAttention_0", y, y, kv)
     y = layer_norm(t, g(f"{blk}/LayerNorm_1/scale"), g(f"{blk}/LayerNorm_1/bias"))
-    y = (mlp_scale or {}).get(i, 1.0) * mlp(p, f"{blk}/MlpBlock_0", y)
+    y = (mlp_scale or {}).get(i, 1.0) * mlp(p, f"{blk}/MlpBlock_0", y, exact_gelu)
     t = t + (mlp_fn or {}).get(i, lambda v: v)(y)
-  t = layer_norm(t, g("Transformer/encoder_norm/scale"), g("Transformer/encoder_norm/bias"))
+  if "Transformer/encoder_norm/scale" in p:
+    t = layer_norm(t, g("Transformer/encoder_norm/scale"), g("Transformer/encoder_norm/bias"))
   if return_tokens:
     return t
-  if pool == "token":
+  if callable(pool):
+    f = pool(t)
+  elif pool == "token":
     f = t[:, 0]
   elif pool == "gap":
     f = t.mean(1)
@@ -113,6 +124,8 @@ def forward(p, images, *, patch, depth, pool, cls_row, insert=None, extra_kv=Non
     a = attention(p, "MAPHead_0/MultiHeadDotProductAttention_0", probe, t)
     y = layer_norm(a, g("MAPHead_0/LayerNorm_0/scale"), g("MAPHead_0/LayerNorm_0/bias"))
     f = (a + mlp(p, "MAPHead_0/MlpBlock_0", y))[:, 0]
+  if "fc_norm/scale" in p:
+    f = layer_norm(f, g("fc_norm/scale"), g("fc_norm/bias"))
   if head_input or features_fn:
     f = head({k: v for k, v in p.items() if not k.startswith("head/")}, f)
   if head_input:

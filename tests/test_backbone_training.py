@@ -59,14 +59,23 @@ def test_every_fixture_family_is_recognised():
     assert backbones.detect_family(read_state_dict(path), path) == family
 
 
-@pytest.mark.parametrize("family,arm", [("mae", "vpt-deep"), ("moco", "vpt-shallow")])
-def test_tiny_training_run_improves_validation_accuracy(tmp_path, family, arm):
-  config = cfg(family, arm)
+# MAE runs E2VPT (VPT-deep + key-value prompts + the pruning masks' variables), MoCo VPT-shallow.
+E2VPT = "prompt.kv_length=2,prompt.masks=True,prompt.segments=4"
+
+
+@pytest.mark.parametrize("family,arm,extra", [("mae", "vpt-deep", E2VPT),
+                                              ("moco", "vpt-shallow", "")])
+def test_tiny_training_run_improves_validation_accuracy(tmp_path, family, arm, extra):
+  config = cfg(family, arm, extra)
   config.model.num_classes = 10
   start = build.build(config)
   before = val_top1(start.model, start.variables, config)
   wd = str(tmp_path / "run")
-  results = loop.train_and_evaluate(cfg(family, arm), wd)
+  results = loop.train_and_evaluate(cfg(family, arm, extra), wd)
+  if extra:   # visual 2 layers x p x 64, key-value 2 layers x 4 heads x 2 x 16, head 64 x 10 + 10
+    assert start.model.hooks.kv_length == 2 and start.model.hooks.masks
+    assert "prompt_masks" in start.variables
+    assert results["trainable_params"] == 2 * config.prompt.length * 64 + 2 * 4 * 2 * 16 + 650
   # The tuned workdir reloads onto the .pth backbone and reproduces the trainer's figure.
   model, variables = workdir_lib.load_tuned(wd, which="last")
   after = val_top1(model, variables, workdir_lib.read_config(wd))
@@ -75,6 +84,39 @@ def test_tiny_training_run_improves_validation_accuracy(tmp_path, family, arm):
   fp = build.Built.fingerprint(start)
   assert fp["model"]["approximate_gelu"] is False
   assert fp["backbone_sha256"] == download.file_sha256(data_path(FILES[family]))
+
+
+D, BOTTLENECK = 64, 8   # the fixtures' width; the adapter's default reduction 8
+# Trainable leaves of the protocols whose modules the backbone gets (as tests/test_baselines.py
+# counts them on the demo ViT): module prefix, parameter count without the head.
+MODULES = {"mlp-2": ("modules/hooks/mlp/", D * D + D + 2 * D),
+           "adapter": ("modules/hooks/adapter_", 2 * (D * BOTTLENECK + BOTTLENECK
+                                                      + BOTTLENECK * D + D)),
+           "side": ("modules/hooks/side/", (9 * 3 * 16 + 16) + (9 * 16 * 32 + 32)
+                    + (9 * 32 * 64 + 64) + (64 * D + D) + 1)}
+
+
+@pytest.mark.parametrize("family", ["mae", "moco"])
+@pytest.mark.parametrize("protocol", ["mlp-2", "adapter", "side"])
+def test_module_protocols_train_exactly_their_modules(family, protocol):
+  """MLP-k, adapter and side-tuning on the PyTorch ViTs: the modules and the head, nothing else
+  (MAE's fc_norm and MoCo's encoder_norm stay frozen), and the model traces."""
+  config = cfg(family, "linear", f"protocol={protocol}")
+  config.model.num_classes = 10
+  built = build.build(config)
+  prefix, n = MODULES[protocol]
+  paths = [p for p, m in zip(rules.leaf_paths(built.mask), jax.tree.leaves(built.mask)) if m]
+  assert {"params/head/bias", "params/head/kernel"} <= set(paths)
+  assert all(p.startswith((prefix, "params/head/")) for p in paths), paths
+  assert rules.param_report(built.variables, built.mask)["trainable"] == n + D * 10 + 10
+  norm = "fc_norm" if family == "mae" else "Transformer/encoder_norm"
+  assert f"params/{norm}/scale" in rules.leaf_paths(built.variables)
+  assert built.model.approximate_gelu is False and built.model.fc_norm == (family == "mae")
+  expected = {"mlp-2": 2, "adapter": 0, "side": -1}[protocol]
+  assert cache.entry_layer(built.model, built.mask)[0] == expected
+  out = jax.eval_shape(built.model.apply, built.variables,
+                       jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32))   # traced, not compiled
+  assert out.shape == (2, 10)
 
 
 @pytest.mark.parametrize("family", ["mae", "moco"])

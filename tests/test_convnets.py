@@ -169,7 +169,12 @@ def test_plain_outputs(family):
 
 def test_checkpoint_head(family):
   name = family["name"]
-  model, variables = FROM[name](state(name), path=FILES[name], head=True)
+  sd = state(name)
+  model, variables = FROM[name](sd, path=FILES[name], head=True)
+  key = "head" if name == "convnext" else "fc"   # loaded bit for bit too (Dense kernel = W.T)
+  head = variables["params"]["head"]
+  assert np.ascontiguousarray(head["kernel"].T).tobytes() == sd[f"{key}.weight"].tobytes()
+  assert np.asarray(head["bias"]).tobytes() == sd[f"{key}.bias"].tobytes()
   logits, _ = outputs(family, model, variables)
   check(logits, family["io"]["plain/ckpt_head_logits"], "ckpt_head_logits")
 

@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from conftest import ATOL, RTOL, adam_steps, data_path
 from vpt_jax import prompts
+from vpt_jax.models import hooks
 from vpt_jax.weights import torch_vit as ssl_vit
 from vpt_jax.weights import torch as tw
 
@@ -160,9 +161,28 @@ def test_plain_outputs(family, fast_path):
 
 def test_checkpoint_head_of_moco():
   io = dict(np.load(bb(FILES["moco"][1])))
-  model, params = ssl_vit.vit_from_torch(state("moco"), family="moco", num_heads=4, head=True)
+  sd = state("moco")
+  model, params = ssl_vit.vit_from_torch(sd, family="moco", num_heads=4, head=True)
+  _bytes_equal(np.ascontiguousarray(params["head"]["kernel"].T), sd["head.weight"], "head")
+  _bytes_equal(params["head"]["bias"], sd["head.bias"], "head bias")
   logits, _ = run(model, {"params": params}, io["images"].transpose(0, 2, 3, 1))
   check(logits, io["plain/ckpt_head_logits"], "ckpt_head_logits")
+
+
+class _FirstLayerInput(hooks.Hooks):
+  """Records what encoder layer 0 receives (the fixtures' `plain/tokens_in`)."""
+
+  def layer(self, layer, x, *, num_prompts, train):
+    if layer == 0:
+      self.sow("intermediates", "tokens_in", x)
+    return hooks.LayerInput(x, num_prompts)
+
+
+def test_tokens_in(family):
+  """Class token, then the patches, plus the file's position embedding (class-token row 0)."""
+  model = family["model"].clone(hooks=_FirstLayerInput())
+  _, inter = run(model, {"params": family["params"]}, family["images"])
+  check(inter["tokens_in"], family["io"]["plain/tokens_in"], "tokens_in")
 
 
 @pytest.mark.parametrize("fast_path", [True, False])
@@ -207,3 +227,82 @@ def test_training_prompts_and_head_reduces_loss(family):
   # both layers' prompts get gradients at the first step
   assert (np.abs(np.asarray(g["prompts"]["hooks"]["tokens"])).max(axis=(1, 2)) > 0).all()
   assert losses[-1] < losses[0] - 0.1, losses
+
+
+# ------------------------------------------------------------------------------------------------
+# E2VPT (key-value prompts, pruning masks) on the same backbones, against float64 numpy. The numpy
+# model is first shown to reproduce the official VPT-deep outputs of the fixture, so it is a
+# faithful MAE / MoCo forward; E2VPT's additions are then checked against it.
+
+# Which rows the head reads, for our pool names (MAE: then fc_norm; MoCo: the class token).
+NP_POOL = {"all": lambda p: lambda t: t[:, 1:].mean(1),
+           "image": lambda p: lambda t: t[:, 1 + p:].mean(1),
+           "original": lambda p: "token"}
+
+
+def _np_forward(family, tokens, kv=None, pool="all"):
+  """numpy_vit logits with VPT-deep `tokens` (layers, p, D) and extra keys = values `kv`."""
+  import numpy_vit
+  p = tokens.shape[1]
+
+  def put(t, replace):
+    return lambda x: np.concatenate(
+        [x[:, :1], np.broadcast_to(np.asarray(t, np.float64), (x.shape[0],) + t.shape),
+         x[:, 1 + replace:]], 1)
+  flat = {"/".join(k): np.asarray(v) for k, v in
+          traverse_util.flatten_dict(family["params"]).items()}
+  extra = None if kv is None else {i: (kv[i].transpose(1, 0, 2),) * 2 for i in range(len(kv))}
+  return numpy_vit.forward(flat, family["images"], patch=4, depth=2, pool=NP_POOL[pool](p),
+                           cls_row=True, insert={0: put(tokens[0], 0), 1: put(tokens[1], p)},
+                           extra_kv=extra, exact_gelu=True)
+
+
+def _e2vpt(family, **kw):
+  cfg = prompts.default_config()
+  cfg.update(dict(length=3, deep=True, kv_length=2,
+                  pool="all" if family["name"] == "mae" else "original") | kw)
+  model = prompts.attach(family["model"], cfg)
+  io = family["io"]
+  pr = prompts.init_prompts(model, jax.random.PRNGKey(0))
+  official = ssl_vit.vpt_prompts_from_official(io["vpt_deep/prompt_embeddings"],
+                                               io["vpt_deep/deep_prompt_embeddings"])
+  pr = {"hooks": dict(pr["hooks"], tokens=official["hooks"]["tokens"])}
+  return model, pr, cfg
+
+
+def test_numpy_reference_reproduces_the_official_vpt_deep(family):
+  tokens = ssl_vit.vpt_prompts_from_official(
+      family["io"]["vpt_deep/prompt_embeddings"],
+      family["io"]["vpt_deep/deep_prompt_embeddings"])["hooks"]["tokens"]
+  got = _np_forward(family, tokens, pool="all" if family["name"] == "mae" else "original")
+  check(got, family["io"]["vpt_deep/logits"], "numpy reference, vpt_deep")
+
+
+def test_e2vpt_key_value_prompts_match_numpy(family):
+  model, pr, cfg = _e2vpt(family)
+  kv = np.asarray(pr["hooks"]["kv"])
+  assert kv.shape == (2, 4, 2, 16)     # (layers, heads, tokens, head_dim), as the official code
+  logits, inter = run(model, {"params": family["params"], "prompts": pr}, family["images"])
+  assert model.approximate_gelu is False and model.fc_norm == (family["name"] == "mae")
+  want = _np_forward(family, np.asarray(pr["hooks"]["tokens"]), kv, cfg.pool)
+  check(logits, want, "E2VPT logits")
+  # The key-value prompts change the output (an ignored kv would pass the VPT-deep check).
+  assert np.abs(want - family["io"]["vpt_deep/logits"]).max() > 1e-2
+
+
+def test_e2vpt_pruning_masks_match_the_compact_numpy_model(family):
+  """Token 1 pruned, segments dropped per token: the masked model is the compact pruned one."""
+  pool = "image" if family["name"] == "mae" else "original"  # 'all' reads pruned prompt outputs
+  model, pr, cfg = _e2vpt(family, masks=True, segments=4, pool=pool)
+  token_mask = np.array([1, 0, 1], np.float32)
+  segment_mask = np.array([[1, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], np.float32)
+  variables = {"params": family["params"], "prompts": pr,
+               **prompts.e2vpt.mask_variables(token_mask, segment_mask)}
+  logits, _ = run(model, variables, family["images"])
+  tokens = np.asarray(pr["hooks"]["tokens"]) * np.tile(segment_mask, (1, 16))
+  kept = tokens[:, token_mask == 1]
+  want = _np_forward(family, kept, np.asarray(pr["hooks"]["kv"]), pool)
+  check(logits, want, "E2VPT logits with masks")
+  unmasked, _ = run(model, {"params": family["params"], "prompts": pr,
+                            **prompts.init_masks(model)}, family["images"])
+  assert np.abs(unmasked - want).max() > 1e-3   # the masks matter

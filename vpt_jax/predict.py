@@ -2,22 +2,28 @@
 
     python -m vpt_jax.predict --workdir=/tmp/vpt_demo/vpt-deep a.png b.jpg   # a tuned model
     python -m vpt_jax.predict --checkpoint=demo-vit                         # a pretrained one
+    python -m vpt_jax.predict --checkpoint=mocov3-vit-b16 a.png   # a PyTorch file, its own head
 
 Without images it runs on a few generated test patterns, so it works offline on a fresh machine.
-Images are resized to the model's input size and scaled to [-1, 1].
+Images are resized to the model's input size and scaled to [-1, 1] (Google .npz checkpoints) or
+normalised with the ImageNet mean/std (PyTorch files: MoCo v3's linear-evaluation checkpoint, read
+through `weights.backbones.load_pretrained` with its classifier kept). A tuned run applies its own
+preprocessing.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence, Tuple
 
+import numpy as np
 from absl import app, flags
 
 from vpt_jax import utils
+from vpt_jax.data import pipeline
 from vpt_jax.tasks import classification
 from vpt_jax.tuning import build, families, workdir
-from vpt_jax.weights import npz
+from vpt_jax.weights import backbones
 
 FLAGS = flags.FLAGS
 
@@ -30,6 +36,26 @@ def define_flags() -> None:
                     "Checkpoint of the tuned run: 'last' (what results.json reports) or 'best' "
                     "(best on validation).")
   flags.DEFINE_integer("top_k", 3, "Classes to print per image.")
+  flags.DEFINE_integer("num_heads", 0, "PyTorch ViT files only (they do not store it): attention "
+                       "heads; 0 = width // 64, as the published ViT-B/L/H.")
+
+
+def load_checkpoint(spec: str, *, num_heads: int = 0) -> Tuple[Any, dict, Callable, str]:
+  """(model, variables, read, input description) of a pretrained checkpoint with its classifier.
+
+  read: image path -> the model's input, normalised as the checkpoint's family was trained.
+  """
+  if not backbones.is_pytorch(spec):
+    model, variables = backbones.load_pretrained(spec, family="vit")
+    return model, variables, None, "scaled to [-1, 1]"
+  model, variables = backbones.load_pretrained(spec, num_heads=num_heads, head=True)
+  mean = np.asarray(pipeline.IMAGENET_MEAN, np.float32)
+  std = np.asarray(pipeline.IMAGENET_STD, np.float32)
+
+  def read(path: str) -> np.ndarray:
+    pixels = (classification.read_image(path, tuple(model.image_size)) + 1.0) / 2.0
+    return (pixels - mean) / std
+  return model, variables, read, "ImageNet mean/std"
 
 
 def main(argv: Sequence[str]) -> None:
@@ -43,9 +69,8 @@ def main(argv: Sequence[str]) -> None:
     print(f"tuned run {FLAGS.workdir}: {tuned.describe()}; preprocessing "
           f"{build.preprocessing_spec(tuned.config)}")
   else:
-    model, variables = npz.load_pretrained(FLAGS.checkpoint)
-    read = None
-    print(f"checkpoint {FLAGS.checkpoint}")
+    model, variables, read, inputs = load_checkpoint(FLAGS.checkpoint, num_heads=FLAGS.num_heads)
+    print(f"checkpoint {FLAGS.checkpoint}; inputs {inputs}")
   size = getattr(model, "patch_size", None)   # a ConvNet has none; Swin's is one int
   patch = "" if size is None else f" patch {tuple(size) if hasattr(size, '__len__') else size}"
   print(f"{families.family_of(model) or 'ViT'}{patch}, width {model.width}, depth {model.depth}, "

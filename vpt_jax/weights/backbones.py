@@ -57,12 +57,14 @@ def load_pretrained(spec: str, *, family: str = "auto", num_heads: int = 0,
                     image_size: Optional[int | Sequence[int]] = None,
                     num_classes: Optional[int] = None, drop_pre_logits: bool = False,
                     dtype: Any = jnp.float32, cache_dir: Optional[str] = None,
-                    ) -> Tuple[VisionTransformer, Dict[str, Any]]:
+                    head: bool = False) -> Tuple[VisionTransformer, Dict[str, Any]]:
   """(model, variables) of a backbone file of any trainer family (see the module docstring).
 
   num_heads: for the PyTorch ViTs, whose files do not store it; 0 = width // 64 (ViT-B: 12,
     ViT-L/H: 16). The other arguments as `weights.npz.load_pretrained`; `drop_pre_logits` has no
     effect on the PyTorch ViTs (they have no representation layer).
+  head: keep a PyTorch file's own classifier (MoCo v3's linear-evaluation head) as the model's
+    head, e.g. to predict with it; VPT drops it. The .npz files keep theirs unless num_classes.
   """
   family, path, state = _read(spec, family, cache_dir)
   if family == "vit":
@@ -150,7 +152,10 @@ def _vit_from_state(state, family, path, *, num_heads=0, image_size=None, num_cl
   del drop_pre_logits  # the PyTorch ViTs have no representation layer
   width = int(state.get("patch_embed.proj.weight",
                         state.get("base_encoder.patch_embed.proj.weight")).shape[0])
-  model, params = torch_vit.vit_from_torch(state, family=family, path=path,
+  if head and "head.weight" not in state:
+    raise CheckpointError(f"{path}: this {family} file has no classifier ('head.weight'; MAE "
+                          "pre-training files hold the encoder only)")
+  model, params = torch_vit.vit_from_torch(state, family=family, path=path, head=head,
                                            num_heads=num_heads or default_num_heads(width))
   overrides: Dict[str, Any] = {"dtype": dtype}
   if image_size is not None and as_pair(image_size) != tuple(model.image_size):
@@ -171,6 +176,16 @@ def _vit_from_state(state, family, path, *, num_heads=0, image_size=None, num_cl
     overrides["num_classes"] = num_classes
   params = _as_jnp(params)
   return model.clone(**overrides), {"params": params}
+
+
+def is_pytorch(spec: str, cache_dir: Optional[str] = None) -> bool:
+  """Whether `spec` names a PyTorch file (fed ImageNet mean/std inputs) rather than a Google .npz
+  (inputs in [-1, 1]); a URL is fetched into the cache to tell."""
+  family = zoo.family_of(spec)
+  if family:
+    return family != "vit"
+  path, subtree = resolve(spec, cache_dir)
+  return not (subtree or _is_npz(path))
 
 
 def _is_npz(path: str) -> bool:
