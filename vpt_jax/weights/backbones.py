@@ -76,7 +76,7 @@ def load_pretrained(spec: str, *, family: str = "auto", num_heads: int = 0,
         f"({', '.join(TRAINER_FAMILIES)}) only. Load it with {_LOADED_BY[family]}, or train it "
         "with the trainer (`vpt_jax.tuning.families`; README 'Model zoo').")
   return _vit_from_state(state, family, path, num_heads=num_heads, image_size=image_size,
-                         num_classes=num_classes, dtype=dtype)
+                         num_classes=num_classes, dtype=dtype, head=head)
 
 
 def _read(spec: str, family: str, cache_dir: Optional[str]
@@ -148,7 +148,7 @@ def load_any(spec: str, *, family: str = "auto", image_size: Optional[int] = Non
 
 
 def _vit_from_state(state, family, path, *, num_heads=0, image_size=None, num_classes=None,
-                    dtype=jnp.float32, drop_pre_logits=False):
+                    dtype=jnp.float32, drop_pre_logits=False, head=False):
   del drop_pre_logits  # the PyTorch ViTs have no representation layer
   width = int(state.get("patch_embed.proj.weight",
                         state.get("base_encoder.patch_embed.proj.weight")).shape[0])
