@@ -47,8 +47,8 @@ def _start(workdir, rows_dir, devices, distributed=None):
     pid, n, port = distributed
     cmd += ["--jax_distributed", f"--coordinator_address=localhost:{port}",
             f"--num_processes={n}", f"--process_id={pid}"]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
              **{pipeline.ROWS_LOG_ENV: rows_dir})
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
