@@ -37,6 +37,10 @@ MODELS = {
                             num_heads=12, mlp_dim=3072, grid=(14, 14), pool_type="token",
                             class_token=True, posemb_cls_row=True, representation_size=None,
                             num_classes=100),
+    "vit-s16": Architecture(patch_size=(16, 16), in_channels=3, width=384, depth=12,
+                            num_heads=6, mlp_dim=1536, grid=(14, 14), pool_type="token",
+                            class_token=True, posemb_cls_row=True, representation_size=None,
+                            num_classes=100),
 }
 PROTOCOLS = {
     "vpt_shallow_p50": ("vpt", dict(length=50, deep=False)),
@@ -57,8 +61,8 @@ def matmul_flops_per_s(n: int = 4096, reps: int = 5) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, n_steps: int,
-            fast: bool) -> dict:
+def build(arch: Architecture, protocol: str, prompt_kw, batch: int, fast: bool) -> dict:
+  """The compiled forward and train step of one protocol and path, with their arguments."""
   model = arch.model(fast_path=fast)
   if prompt_kw is not None:
     cfg = prompts.default_config()
@@ -79,6 +83,15 @@ def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, n_steps: i
       trainable, frozen, images).compile()
   step = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=(0,)).lower(
       state, frozen, batch_d).compile()
+  return {"fwd": fwd, "step": step, "step_args": (state, frozen, batch_d),
+          "trainable": trainable}
+
+
+def measure(arch: Architecture, protocol: str, prompt_kw, batch: int, n_steps: int,
+            fast: bool) -> dict:
+  built = build(arch, protocol, prompt_kw, batch, fast)
+  fwd, step, trainable = built["fwd"], built["step"], built["trainable"]
+  state, frozen, batch_d = built["step_args"]
   fwd_flops = fwd.cost_analysis()["flops"]
   step_flops = step.cost_analysis()["flops"]
   mem = step.memory_analysis()

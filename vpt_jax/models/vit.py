@@ -128,7 +128,8 @@ class MultiHeadDotProductAttention(nn.Module):
     sizes = {"tokens": k.shape[1]}
     extras = []
     if memory is not None:
-      extras.append((key(memory), value(memory)))
+      with jax.named_scope("kv_only_prompts"):  # named for benchmarks/step_profile.py
+        extras.append((key(memory), value(memory)))
       sizes["memory"] = memory.shape[1]
     if extra_kv is not None:
       extras.append(extra_kv)
@@ -178,7 +179,8 @@ class Encoder1DBlock(nn.Module):
     if query_rows is not None:
       x = x[:, :query_rows]
     if memory is not None:
-      memory = norm(memory if memory.ndim == 3 else memory[None])
+      with jax.named_scope("kv_only_prompts"):
+        memory = norm(memory if memory.ndim == 3 else memory[None])
     y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                      name="MultiHeadDotProductAttention_0")(
                                          y if query_rows is None else y[:, :query_rows], y,
