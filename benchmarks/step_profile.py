@@ -9,14 +9,17 @@ gradient-norm logging; `linear` is the plain ViT's forward plus the head's gradi
 copy), named as the instruction in the optimized HLO. Each event is joined with its instruction
 (and the fused computation it calls) and classified:
 
-    matmul          dense dots and convolutions (the big frozen-weight matmuls)
-    attention_dot   batched dots: q.k^T, weights.v and their transposes in the backward
-    softmax         fusions with exp and a reduction (softmax and its gradient)
-    layernorm       fusions with rsqrt (the LayerNorm statistics and their gradient)
-    gelu            fusions with tanh or erf (GELU and its gradient)
-    copy            copies, transposes, concatenations, slices, dynamic-update-slices alone
-    tail            what runs after the gradient: optimizer, gradient norm, metrics
-    other           the rest (bias adds, residual adds, the loss)
+    matmul          dense dots and convolutions (the frozen-weight matmuls, with whatever
+                    elementwise work XLA fused into them)
+    attention       batched dots: q.k^T, weights.v and their transposes in the backward (XLA
+                    fuses the softmax into them where the weights are not kept for the backward)
+    softmax         the attention's other reductions and divisions (softmax and its gradient)
+    layernorm       LayerNorm statistics, normalisation and their gradient
+    gelu            the MLP's elementwise work (GELU and its gradient)
+    copy            transposes, concatenations, slices, copies (a folded bias add included)
+    tail            what runs outside the differentiated function: optimizer, gradient norm,
+                    metrics
+    other           the rest (bias and residual adds, the loss)
 
 Dots whose metadata carries the `kv_only_prompts` scope (VPT-deep prompts that only serve as keys
 and values, `models/vit.py`) are counted apart as `kv_only_prompts`, and every kind is split into
@@ -53,6 +56,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(")
 _SHAPE = re.compile(r"[a-z]\w*\[([\d,]*)\]")
 _COPIES = {"copy", "transpose", "concatenate", "slice", "dynamic-slice", "bitcast", "reshape",
            "dynamic-update-slice", "broadcast", "parameter", "tuple", "get-tuple-element", "pad"}
+_MOVES = {"copy", "transpose", "concatenate", "slice", "dynamic-slice", "dynamic-update-slice",
+          "pad"}
 
 
 def parse_hlo(text: str):
@@ -118,16 +123,18 @@ def classify(opcode: str, line: str, comps) -> tuple:
     kind = "attention" if batched else "matmul"
   elif names and "jvp(" not in names:
     kind = "tail"
-  elif "exponential" in ops and "MultiHeadDotProductAttention" in names:
+  elif ops & _MOVES and ops <= _COPIES | {"fusion", "add", "multiply"}:
+    kind = "copy"  # layout changes (head-major transposes, key concatenation), bias folded in
+  elif "MultiHeadDotProductAttention" in names and ops & {"exponential", "reduce", "divide"}:
     kind = "softmax"
   elif "LayerNorm" in names or "encoder_norm" in names:
     kind = "layernorm"
-  elif "MlpBlock" in names and ({"tanh", "erf"} & ops or "integer_pow" in names):
+  elif "MlpBlock" in names and "Dense_1" not in names:
     kind = "gelu"
   elif ops <= _COPIES | {"fusion"}:
     kind = "copy"
   else:
-    kind = "other"
+    kind = "other"  # bias and residual adds, the loss
   return kind, dirn, flops
 
 
