@@ -99,9 +99,10 @@ def dot_flops(line: str, shapes) -> float:
   return 2.0 * float(np.prod(out)) * float(k)
 
 
-def classify(opcode: str, line: str, comps) -> tuple:
+def classify(opcode: str, line: str, comps, entry_shapes) -> tuple:
   """(kind, 'fwd' or 'bwd', dot FLOPs) of one entry instruction (see the module docstring)."""
-  lines, todo, seen = [(opcode, line)], list(_called(line)), set()
+  lines = [(opcode, line, entry_shapes) if opcode == "dot" else (opcode, line)]
+  todo, seen = list(_called(line)), set()
   while todo:
     c = todo.pop()
     if c in seen or c not in comps:
@@ -155,7 +156,8 @@ def profile(compiled, args, n_steps: int, donate: bool) -> dict:
   """Per-kind time of one execution of `compiled(*args)` (each thunk's fastest of `n_steps`
   runs: the least disturbed by other processes), its dot FLOPs, and the wall times."""
   comps, entry = parse_hlo(compiled.as_text())
-  kinds = {n: classify(op, ln, comps) for n, op, ln in comps[entry]}
+  shapes = {n: _dims(ln.split(" = ", 1)[1]) for n, _, ln in comps[entry]}
+  kinds = {n: classify(op, ln, comps, shapes) for n, op, ln in comps[entry]}
   out = compiled(*args)
   jax.block_until_ready(out)
   walls = []
