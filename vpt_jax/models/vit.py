@@ -74,7 +74,11 @@ def attention_weights(q: Array, k: Array, key_mask: Optional[Array] = None) -> A
   weight.
   """
   q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  # Head-major operands (batch, heads, length, head_dim): the batched dots are then plain
+  # (batch * heads) matmuls; on XLA:CPU the (batch, length, heads) einsum compiles to a fused
+  # dot-softmax-dot ~3x slower than this (benchmarks/step_profile.py, README "Fast path").
+  logits = jnp.einsum("bhqd,bhkd->bhqk", _head_major(q), _head_major(k),
+                      preferred_element_type=jnp.float32)
   if key_mask is not None:
     logits = jnp.where(key_mask, logits, -jnp.inf)
   return jax.nn.softmax(logits, axis=-1)
@@ -83,7 +87,18 @@ def attention_weights(q: Array, k: Array, key_mask: Optional[Array] = None) -> A
 def attend(q: Array, k: Array, v: Array, key_mask: Optional[Array] = None) -> Array:
   """softmax(q k^T / sqrt(head_dim)) v over (batch, length, heads, head_dim) arrays."""
   weights = attention_weights(q, k, key_mask).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  return _weighted_values(weights, v)
+
+
+def _head_major(t: Array) -> Array:
+  """(batch, length, heads, head_dim) -> (batch, heads, length, head_dim)."""
+  return jnp.swapaxes(t, 1, 2)
+
+
+def _weighted_values(weights: Array, v: Array) -> Array:
+  """weights (batch, heads, queries, keys) . v (batch, keys, heads, head_dim), head-major, as
+  (batch, queries, heads, head_dim)."""
+  return _head_major(jnp.einsum("bhqk,bhkd->bhqd", weights, _head_major(v)))
 
 
 def _batched(t: Array, batch: int) -> Array:
@@ -149,7 +164,7 @@ class MultiHeadDotProductAttention(nn.Module):
       key_mask = jnp.concatenate([key_mask, jnp.ones(sizes["extra"], bool)])
     weights = attention_weights(q, k, key_mask)
     self.sow("intermediates", "attention", _split_keys(weights, sizes))
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    y = _weighted_values(weights.astype(v.dtype), v)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
 
 
