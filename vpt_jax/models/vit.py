@@ -75,8 +75,8 @@ def attention_weights(q: Array, k: Array, key_mask: Optional[Array] = None) -> A
   """
   q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   # Head-major operands (batch, heads, length, head_dim): the batched dots are then plain
-  # (batch * heads) matmuls; on XLA:CPU the (batch, length, heads) einsum compiles to a fused
-  # dot-softmax-dot ~3x slower than this (benchmarks/step_profile.py, README "Fast path").
+  # (batch * heads) matmuls, faster on XLA:CPU than the (batch, length, heads) einsums
+  # (benchmarks/version_ab.py; README, "Where the step's time goes").
   logits = jnp.einsum("bhqd,bhkd->bhqk", _head_major(q), _head_major(k),
                       preferred_element_type=jnp.float32)
   if key_mask is not None:
