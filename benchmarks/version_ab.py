@@ -13,10 +13,12 @@ Prints one JSON line: per version and function, the median seconds and the media
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,6 +91,7 @@ def main() -> None:
   args = ap.parse_args()
   MODEL, BATCH, ROUNDS = args.model, args.batch, args.rounds
   root = tempfile.mkdtemp(prefix="version_ab_")
+  atexit.register(shutil.rmtree, root, True)
   VERS = []
   for i, rev in enumerate(args.revs):
     VERS.append(f"v{i}_" + re.sub(r"\W", "_", rev))
