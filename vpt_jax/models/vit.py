@@ -80,7 +80,11 @@ def attention_weights(q: Array, k: Array, key_mask: Optional[Array] = None) -> A
   weight.
   """
   q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  # Head-major operands (batch, heads, length, head_dim): the batched dots are then plain
+  # (batch * heads) matmuls, faster on XLA:CPU than the (batch, length, heads) einsums
+  # (benchmarks/version_ab.py; README, "Where the step's time goes").
+  logits = jnp.einsum("bhqd,bhkd->bhqk", _head_major(q), _head_major(k),
+                      preferred_element_type=jnp.float32)
   if key_mask is not None:
     logits = jnp.where(key_mask, logits, -jnp.inf)
   return jax.nn.softmax(logits, axis=-1)
@@ -89,7 +93,18 @@ def attention_weights(q: Array, k: Array, key_mask: Optional[Array] = None) -> A
 def attend(q: Array, k: Array, v: Array, key_mask: Optional[Array] = None) -> Array:
   """softmax(q k^T / sqrt(head_dim)) v over (batch, length, heads, head_dim) arrays."""
   weights = attention_weights(q, k, key_mask).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  return _weighted_values(weights, v)
+
+
+def _head_major(t: Array) -> Array:
+  """(batch, length, heads, head_dim) -> (batch, heads, length, head_dim)."""
+  return jnp.swapaxes(t, 1, 2)
+
+
+def _weighted_values(weights: Array, v: Array) -> Array:
+  """weights (batch, heads, queries, keys) . v (batch, keys, heads, head_dim), head-major, as
+  (batch, queries, heads, head_dim)."""
+  return _head_major(jnp.einsum("bhqk,bhkd->bhqd", weights, _head_major(v)))
 
 
 def _batched(t: Array, batch: int) -> Array:
@@ -127,14 +142,23 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
     head_dim = d // self.num_heads
     proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
-    key, value = proj("key"), proj("value")
-    q = proj("query")(inputs_q)
-    k, v = key(inputs_kv), value(inputs_kv)
+    query, key, value = proj("query"), proj("key"), proj("value")
+    if self.is_initializing():  # the modules create the checkpoint's parameter tree
+      q, k, v = query(inputs_q), key(inputs_kv), value(inputs_kv)
+      project_kv = lambda x: (key(x), value(x))
+    else:
+      params = self.variables["params"]
+      project_kv = lambda x: tuple(_project(params, ("key", "value"), x, self.dtype))
+      if inputs_q is inputs_kv:
+        q, k, v = _project(params, ("query", "key", "value"), inputs_q, self.dtype)
+      else:
+        (q,), (k, v) = _project(params, ("query",), inputs_q, self.dtype), project_kv(inputs_kv)
     b = inputs_kv.shape[0]
     sizes = {"tokens": k.shape[1]}
     extras = []
     if memory is not None:
-      extras.append((key(memory), value(memory)))
+      with jax.named_scope("kv_only_prompts"):  # named for benchmarks/step_profile.py
+        extras.append(project_kv(memory))
       sizes["memory"] = memory.shape[1]
     if extra_kv is not None:
       extras.append(extra_kv)
@@ -146,8 +170,26 @@ class MultiHeadDotProductAttention(nn.Module):
       key_mask = jnp.concatenate([key_mask, jnp.ones(sizes["extra"], bool)])
     weights = attention_weights(q, k, key_mask)
     self.sow("intermediates", "attention", _split_keys(weights, sizes))
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    y = _weighted_values(weights.astype(v.dtype), v)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
+
+
+def _project(params, names: Sequence[str], x: Array, dtype: Dtype) -> Tuple[Array, ...]:
+  """x projected by the DenseGeneral kernels/biases `names` of `params` in one matmul.
+
+  The kernels (D, heads, head_dim) are concatenated per call (cheap next to the matmul), so the
+  parameter tree keeps the checkpoint's layout. One (tokens, D) x (D, n * D) matmul reads the
+  LayerNorm output once, and its input gradient in the backward is one matmul over n * D instead
+  of n matmuls and their sum. Each output element is the same dot product as DenseGeneral's.
+  """
+  kernels = [params[n]["kernel"] for n in names]
+  biases = [params[n]["bias"] for n in names]
+  shape = kernels[0].shape[1:]
+  kernel = jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1)
+  bias = jnp.concatenate([b_.reshape(-1) for b_ in biases])
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+  return tuple(part.reshape(x.shape[:-1] + shape) for part in jnp.split(y, len(names), axis=-1))
 
 
 def _split_keys(weights: Array, sizes: Dict[str, int]) -> Dict[str, Array]:
@@ -184,7 +226,8 @@ class Encoder1DBlock(nn.Module):
     if query_rows is not None:
       x = x[:, :query_rows]
     if memory is not None:
-      memory = norm(memory if memory.ndim == 3 else memory[None])
+      with jax.named_scope("kv_only_prompts"):
+        memory = norm(memory if memory.ndim == 3 else memory[None])
     y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                      name="MultiHeadDotProductAttention_0")(
                                          y if query_rows is None else y[:, :query_rows], y,
