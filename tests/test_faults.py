@@ -363,7 +363,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
   until a resumed run completes; its end state and results.json must match the uninterrupted
   run's bit for bit (apart from wall time); then a new chain starts in a fresh workdir until
   KILLS kills have landed."""
-  arg = f"vpt-deep,{FAST}"
+  # One epoch (13 steps, an evaluation, saves of last/ and best/): every phase a kill can hit.
+  arg = f"vpt-deep,{FAST},optim.epochs=1"
   zygote = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_zygote.py")],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

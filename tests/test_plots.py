@@ -83,12 +83,18 @@ def test_class_token_attention_matches_numpy(layer, kv_length, fast_path):
   images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   got = plots.class_token_attention(model, variables, images, layer)
 
-  # Independent: the attention module's own query/key outputs, captured by flax; numpy softmax.
+  # Independent: the layer's LayerNorm_0 outputs, captured by flax, projected in numpy by the
+  # checkpoint's query/key kernels; numpy softmax.
   _, state = model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
-  att = state["intermediates"]["Transformer"][f"encoderblock_{layer % model.depth}"][
-      "MultiHeadDotProductAttention_0"]
-  q = np.asarray(att["query"]["__call__"][0], np.float64)[:, 0]          # (B, heads, hd)
-  calls = [np.asarray(k, np.float64) for k in att["key"]["__call__"]]
+  block = f"encoderblock_{layer % model.depth}"
+  normed = [np.asarray(c, np.float64)
+            for c in state["intermediates"]["Transformer"][block]["LayerNorm_0"]["__call__"]]
+  att = variables["params"]["Transformer"][block]["MultiHeadDotProductAttention_0"]
+  proj = lambda x, name: (np.einsum("btd,dhk->bthk", x, np.asarray(att[name]["kernel"],
+                                                                     np.float64))
+                          + np.asarray(att[name]["bias"], np.float64))
+  q = proj(normed[0], "query")[:, 0]                                      # (B, heads, hd)
+  calls = [proj(x, "key") for x in normed]
   seq = calls[0]                                                          # (B, T, heads, hd)
   # Prompts that enter as keys/values only (a fast path) come second; show them after the class.
   kv_only = [np.broadcast_to(c, (2,) + c.shape[1:]) for c in calls[1:]]
