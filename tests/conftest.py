@@ -32,6 +32,11 @@ if os.environ.get("VPT_JAX_TEST_XLA_OPT", "0") == "0":
   _O0 = "--xla_backend_optimization_level=0"
   if _O0 not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_O0}".strip()
+# TensorFlow (tf.data only, here) imports Keras 3 eagerly, and Keras imports scikit-learn's
+# wrappers: 2 of the 5 CPU seconds of `import tensorflow` in every test process and subprocess.
+# vpt_jax never uses Keras; asking TensorFlow for the legacy Keras package, which is not
+# installed, makes it skip that import (tf.keras stays unavailable, and unused).
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # The fixtures' tolerance assumes true float32 matmuls (accelerators default to TF32/bf16 passes).
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -142,6 +147,23 @@ def pytest_xdist_make_scheduler(config, log):
       return path if rest.split("[")[0] in cache[path] else nodeid
 
   return SharedFixtureScheduling(config, log)
+
+
+# The longest tests and fixture groups first (as measured in CI): one of them started last would
+# leave the other worker idle at the end.
+LONGEST_FIRST = ("tests/test_faults.py::test_sigkill", "tests/test_multiprocess.py",
+                 "tests/test_colabs.py", "tests/test_export.py::test_pretraining",
+                 "tests/test_seg_main.py", "tests/test_backbone_training.py",
+                 "tests/test_memory.py::test_frozen_weights_sharded")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+
+  def rank(item):
+    return next((i for i, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p)),
+                len(LONGEST_FIRST))
+  items.sort(key=rank)  # stable: every other test keeps its place
 
 
 _FILE_SECONDS: dict = {}
