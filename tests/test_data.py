@@ -30,6 +30,19 @@ def test_digits_splits_are_vtab_like_and_disjoint(digits):
   assert set(digits["test"].labels) == set(range(10))
 
 
+def test_digits_are_scikit_learns_digits_in_a_fixed_order(digits):
+  """The demo reads scikit-learn's data file directly (no sklearn import in training processes):
+  the same images and labels as `load_digits`, permuted by the fixed seed-0 permutation."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  order = np.random.default_rng(0).permutation(len(d.target))
+  for split, (lo, hi) in sources.DIGITS_SPLITS.items():
+    idx = order[lo:hi]
+    np.testing.assert_array_equal(digits[split].labels, d.target[idx])
+    np.testing.assert_array_equal(
+        digits[split].images[..., 0], np.round(d.images[idx] * (255.0 / 16.0)).astype(np.uint8))
+
+
 def test_source_errors_name_the_option():
   with pytest.raises(ValueError, match="data split 'train1000'"):
     sources.load_splits(cfg(), ["train1000"])
