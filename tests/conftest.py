@@ -28,8 +28,9 @@ for _name, _value in (("jax_compilation_cache_dir", CACHE),
 # compare runs under the same flags or within a tolerance. Exported through the environment, so
 # the tests' subprocesses and notebook kernels compile the same way; VPT_JAX_TEST_XLA_OPT=1 keeps
 # the default level.
+O0_FLAG = "--xla_backend_optimization_level=0"
 if os.environ.get("VPT_JAX_TEST_XLA_OPT", "0") == "0":
-  _O0 = "--xla_backend_optimization_level=0"
+  _O0 = O0_FLAG
   if _O0 not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_O0}".strip()
 # TensorFlow (tf.data only, here) imports Keras 3 eagerly, and Keras imports scikit-learn's
@@ -42,6 +43,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # Tolerance of the golden fixtures (tests/data/README.md).
 ATOL = RTOL = 1e-5
+
+
+def optimised_env(env: dict) -> dict:
+  """`env` without the tests' LLVM level 0: for a subprocess that runs the same compiled programs
+  many times (the fault-injection runs), where run time outweighs the one compile."""
+  flags = env.get("XLA_FLAGS", "").replace(O0_FLAG, "").strip()
+  return dict(env, XLA_FLAGS=flags)
 
 
 def data_path(name: str) -> str:

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 import vpt_jax
 from configs import demo
-from conftest import ROOT
+from conftest import ROOT, optimised_env
 from vpt_jax import serving
 from vpt_jax.data import folders, sources
 from vpt_jax.tuning import loop, steps
@@ -153,19 +153,31 @@ def test_resume_from_any_consistent_subset_keeps_every_result(tmp_path, referenc
   ref_wd, ref_results, ref_leaves = reference
   assert ref_results["best_val_top1"] is not None
   best_step = _saved_steps(ref_wd, "best")[0]
-  for case in ("results lost", "last lacks best's step"):
-    wd = str(tmp_path / case.replace(" ", "_"))
+  for case in ("results lost", "last lacks best's step", "killed between last and best saves"):
+    wd = str(tmp_path / case.replace(" ", "_").replace("'", ""))
     shutil.copytree(ref_wd, wd)
     os.remove(os.path.join(wd, "results.json"))
     if case == "last lacks best's step":
       for step in _saved_steps(wd):
         if step >= best_step:
           shutil.rmtree(os.path.join(wd, "checkpoints", "last", str(step)))
+    if case == "killed between last and best saves":
+      # last/ saved the validated best step, best/ did not: nothing after it was written. The
+      # resumed run starts at that step and never validates it again.
+      assert best_step in _saved_steps(wd)
+      for step in _saved_steps(wd):
+        if step > best_step:
+          shutil.rmtree(os.path.join(wd, "checkpoints", "last", str(step)))
+      shutil.rmtree(os.path.join(wd, "checkpoints", "best", str(best_step)))
     results = loop.train_and_evaluate(cfg(), wd)
     assert _comparable(results) == _comparable(ref_results), case
     with open(os.path.join(wd, "results.json")) as f:
       assert json.load(f)["best_val_top1"] == ref_results["best_val_top1"], case
     for a, b in zip(_final_leaves(wd), ref_leaves):
+      np.testing.assert_array_equal(a, b)
+    assert _saved_steps(wd, "best") == [best_step], case
+    best, ref_best = (workdir_lib.load_tuned(w, which="best") for w in (wd, ref_wd))
+    for a, b in zip(jax.tree.leaves(best.split()[0]), jax.tree.leaves(ref_best.split()[0])):
       np.testing.assert_array_equal(a, b)
     keys = _metric_keys(wd)
     assert len(keys) == len(set(keys)), f"{case}: metrics.jsonl repeats steps"
@@ -370,7 +382,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
   # One epoch (13 steps, an evaluation, saves of last/ and best/): every phase a kill can hit.
   arg = f"vpt-deep,{FAST},optim.epochs=1"
   zygote = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_zygote.py")],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            cwd=ROOT, env=optimised_env(dict(os.environ, PYTHONPATH=ROOT)),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   deadline = time.time() + 60 * 10
 

@@ -209,6 +209,8 @@ def fit(run: Run, writer: MetricWriter, train_step: Callable,
   batch_sharding = run.shardings[1]
   start = int(run.state.step)
   progress = Progress(total, spe, config.batch_size, start, enabled=jax.process_index() == 0)
+  if start:
+    run.ckpt.complete_best(run.state)
   tally, best_val, pending = _Tally(run), run.ckpt.best_val_top1(), None
   batches = steps.prefetch_to_device(run.train_pipe.train_batches(start), batch_sharding)
   for step in range(start, total):

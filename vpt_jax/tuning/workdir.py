@@ -118,10 +118,12 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
                                              best_fn=lambda m: m["val_top1"], best_mode="max"))
 
-  def _args(self, state: steps.TrainState):
+  def _args(self, state: steps.TrainState, val_top1: Optional[float] = None):
+    meta = {"fingerprint": self.fingerprint, "optim": self.optim}
+    if val_top1 is not None:  # this step's validation, for `complete_best` after a kill
+      meta["val_top1"] = float(val_top1)
     return ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
-                              meta=ocp.args.JsonSave({"fingerprint": self.fingerprint,
-                                                      "optim": self.optim}))
+                              meta=ocp.args.JsonSave(meta))
 
   def _fail(self, e: BaseException) -> SaveFailed:
     self.failed = e
@@ -140,21 +142,37 @@ class Checkpointer:
       # A killed run may have completed this step in one manager and not the other; its state
       # is the one this run recomputed (the run is deterministic), so it is kept, not rewritten.
       if step not in self.last.all_steps():
-        self.last.save(step, args=self._args(state), force=True)
+        self.last.save(step, args=self._args(state, val_top1), force=True)
       if jax.process_count() > 1:
         # Several processes: one manager's async save at a time. Two in flight at once (last and
         # best at the same step) can pair one manager's cross-process barrier with the other's,
         # and orbax then finalizes before every process has written (seen with 2 CPU processes).
         self.last.wait_until_finished()
       if val_top1 is not None and step not in self.best.all_steps():
-        self.best.save(step, args=self._args(state), metrics={"val_top1": float(val_top1)},
-                       force=True)
+        self.best.save(step, args=self._args(state, val_top1),
+                       metrics={"val_top1": float(val_top1)}, force=True)
       if jax.process_count() > 1:
         self.best.wait_until_finished()
       self.last.check_for_errors()
       self.best.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except; any failure of a save ends the run.
       raise self._fail(e) from e
+
+  def complete_best(self, state: steps.TrainState) -> None:
+    """Offers `state` (just restored from last/) to best/ if a kill came between the two saves.
+
+    A run killed after last/ had saved a validated step and before best/ had, resumes at that
+    step and never validates it again: without this, best/ (and results' best_val_top1) would
+    lack a checkpoint the uninterrupted run has. The step's validation top-1 is in last/'s
+    metadata; best/ keeps it or drops it by the same rule as during the run.
+    """
+    step = int(state.step)
+    if step not in self.last.all_steps() or step in self.best.all_steps():
+      return
+    meta = self.last.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if meta.get("val_top1") is not None:
+      self.save(state, meta["val_top1"])
+      self.best.wait_until_finished()
 
   def latest_step(self) -> Optional[int]:
     return self.last.latest_step()
