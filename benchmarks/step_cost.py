@@ -7,9 +7,11 @@
 
 Prints one JSON line. For each model, protocol (VPT-shallow p=50, VPT-deep p=50, full
 fine-tuning, linear probe = the plain ViT's forward) and execution path (`fast`: compute only
-what the output needs; `straightforward`: every row of every layer): forward and train-step FLOPs
-from XLA's cost analysis (the step includes the gradient-norm logging the trainer does), their ratio, the compiled step's memory, images/s over
-timed steps, and the FLOP/s achieved, as a fraction of the machine's large-matmul FLOP/s measured
+what the output needs; `straightforward`: every row of every layer) and `--microbatch` setting
+(0: the whole batch at once; auto: the trainer's default, chunks of the batch one after the other
+on a CPU, `microbatch_size` in the README): forward and train-step FLOPs from XLA's cost analysis
+(the step includes the gradient-norm logging the trainer does), their ratio, the compiled step's
+memory, images/s over timed steps, and the FLOP/s achieved, as a fraction of the machine's large-matmul FLOP/s measured
 in the same run, round by round (matmul, every step, matmul, every step, ...; medians), because a
 shared machine's speed changes during a run. Targets (issue 3): VPT step <= 2.05x its forward
 FLOPs. Targets (issue 19): VPT-deep fast step >= 0.85x the matmul rate at batch 8 and 64; the plain
@@ -50,9 +52,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from vpt_jax import prompts
+from vpt_jax.tuning import build as build_lib
 from vpt_jax.tuning import memory, optim, rules, steps
 from vpt_jax.weights.npz import Architecture
 
@@ -99,8 +103,13 @@ def matmul_flops_per_s(n: int = 4096, reps: int = 5) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def build(arch: Architecture, protocol: str, prompt_kw, batch: int, fast: bool) -> dict:
-  """The compiled forward and train step of one protocol and path, with their arguments."""
+def build(arch: Architecture, protocol: str, prompt_kw, batch: int, fast: bool,
+          microbatch: int = 0) -> dict:
+  """The compiled forward and train step of one protocol and path, with their arguments.
+
+  `microbatch` > 0: the train step runs the batch in chunks of that many rows (the trainer's
+  `microbatch_size`); the forward compiled for FLOP counting is the plain one either way.
+  """
   model = arch.model(fast_path=fast)
   if prompt_kw is not None:
     cfg = prompts.default_config()
@@ -119,8 +128,8 @@ def build(arch: Architecture, protocol: str, prompt_kw, batch: int, fast: bool) 
 
   fwd = jax.jit(lambda t, f, x: model.apply(rules.merge(t, f), x)).lower(
       trainable, frozen, images).compile()
-  step = jax.jit(steps.make_train_step(model, tx, schedule), donate_argnums=(0,)).lower(
-      state, frozen, batch_d).compile()
+  step = jax.jit(steps.make_train_step(model, tx, schedule, microbatch=microbatch),
+                 donate_argnums=(0,)).lower(state, frozen, batch_d).compile()
   return {"fwd": fwd, "step": step, "step_args": (state, frozen, batch_d),
           "trainable": trainable}
 
@@ -388,19 +397,50 @@ def time_steps(built: dict, n_steps: int) -> float:
   return (time.perf_counter() - t) / n_steps
 
 
+def auto_microbatch(arch: Architecture, prompt_kw) -> int:
+  """The trainer's automatic chunk rows (`microbatch_size=0`) for this model on this backend."""
+  cfg = ml_collections.ConfigDict({"prompt": prompts.default_config()})
+  cfg.prompt.length = (prompt_kw or {}).get("length", 0)
+  per_row = build_lib.activation_bytes_per_row(cfg, arch.model(fast_path=True))
+  return steps.auto_microbatch(0, per_row, jax.default_backend())
+
+
+def _key(p: str, path: str, mb: int) -> str:
+  return f"{p}/{path}" + (f"/microbatch{mb}" if mb else "")
+
+
 def measure(arch: Architecture, keys, batch: int, n_steps: int, rounds: int) -> dict:
-  """Every (protocol, path) of `keys` at one batch size, timed in interleaved rounds.
+  """Every (protocol, path, microbatch) of `keys` at one batch size, in interleaved rounds.
 
   A round times the large matmul and then each step; a step's `achieved_over_matmul` is the
   median over rounds of its FLOP/s over the same round's matmul FLOP/s, so a machine whose load
   changes during the run (other processes) compares each step with the rate it had meanwhile.
+  A chunked step's FLOPs are taken from the unchunked step of the same protocol and path (the
+  same arithmetic; XLA's cost analysis counts a loop body once).
   """
   built, res = {}, {}
-  for p, path in keys:
+  free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  for p, path, setting in keys:
     proto, kw = PROTOCOLS[p]
-    built[(p, path)] = build(arch, proto, kw, batch, PATHS[path])
-    res[f"{p}/{path}"] = static_cost(built[(p, path)])
-    time_steps(built[(p, path)], 1)  # warm-up
+    mb = setting if setting != "auto" else auto_microbatch(arch, kw)
+    if mb and batch <= mb:
+      continue
+    k = _key(p, path, mb)
+    if k in built:
+      continue
+    built[k] = build(arch, proto, kw, batch, PATHS[path], mb)
+    res[k] = static_cost(built[k])
+    if setting == "auto":
+      res[k]["microbatch_auto"] = True
+    if res[k]["temp_mib"] * 2 ** 20 > 0.8 * free:  # would swap or be killed: not timed
+      res[k]["skipped"] = f"needs {res[k]['temp_mib']:.0f} MiB, {free / 2**20:.0f} MiB free"
+      del built[k]
+      continue
+    if mb:
+      res[k].update({kk: res[_key(p, path, 0)][kk] for kk in ("fwd_gflops", "step_gflops")
+                     if _key(p, path, 0) in res})
+      res[k]["microbatch"] = mb
+    time_steps(built[k], 1)  # warm-up
   times = {k: [] for k in built}
   ratios = {k: [] for k in built}
   rates = []
@@ -410,14 +450,14 @@ def measure(arch: Architecture, keys, batch: int, n_steps: int, rounds: int) -> 
     for k, b in built.items():
       dt = time_steps(b, n_steps)
       times[k].append(dt)
-      ratios[k].append(res[f"{k[0]}/{k[1]}"]["step_gflops"] * 1e9 / dt / rate)
-  for (p, path), b in built.items():
-    dt = statistics.median(times[(p, path)])
-    r = res[f"{p}/{path}"]
+      ratios[k].append(res[k]["step_gflops"] * 1e9 / dt / rate)
+  for k in built:
+    dt = statistics.median(times[k])
+    r = res[k]
     r.update({"step_s": round(dt, 4), "images_per_s": round(batch / dt, 2),
               "achieved_gflops_per_s": round(r["step_gflops"] / dt, 1),
-              "achieved_over_matmul": round(statistics.median(ratios[(p, path)]), 3),
-              "achieved_over_matmul_rounds": [round(x, 3) for x in ratios[(p, path)]]})
+              "achieved_over_matmul": round(statistics.median(ratios[k]), 3),
+              "achieved_over_matmul_rounds": [round(x, 3) for x in ratios[k]]})
   res["matmul_gflops_per_s_rounds"] = [round(x / 1e9, 1) for x in rates]
   return res
 
@@ -443,6 +483,9 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
   ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (matmul, steps)")
   ap.add_argument("--paths", default="fast,straightforward")
+  ap.add_argument("--microbatch", default="0,auto",
+                  help="train steps' microbatch_size values (0: the whole batch at once; auto: "
+                       "the trainer's automatic chunks, on a CPU only)")
   ap.add_argument("--protocols", default=",".join(PROTOCOLS))
   ap.add_argument("--memory", default="", help="issue 18 sections instead: remat,compile,capacity")
   ap.add_argument("--memory-batch", type=int, default=32)
@@ -487,7 +530,8 @@ def main() -> None:
   out = {"benchmark": "step_cost", "device": str(jax.devices()[0].device_kind),
          "backend": jax.default_backend(), "host": platform.node(), "models": {}}
   paths = args.paths.split(",")
-  keys = [(p, path) for path in paths for p in args.protocols.split(",")]
+  keys = [(p, path, mb if mb == "auto" else int(mb)) for mb in args.microbatch.split(",")
+          for path in paths for p in args.protocols.split(",")]
   for name in args.models.split(","):
     if name in SWIN_MODELS:
       out["models"][name] = swin_report(name, [int(p) for p in args.swin_prompts.split(",")],

@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = optim.default_optim_config()  # SGD momentum 0.9, warmup 10 + cosine to 100 epochs
   c.data = sources.default_config()
   c.batch_size = 128
+  c.microbatch_size = 0                  # rows per device per chunk of a step; 0 = automatic
   c.seed = 0
   c.eval_every_epochs = 1                # validation every k epochs (0 = only at the end)
   c.log_every_steps = 10

@@ -112,7 +112,8 @@ def test_unknown_remat_is_refused(setup):
 
 def test_frozen_weights_sharded_over_eight_devices(tmp_path):
   """model.frozen_sharding='sharded' on 8 CPU devices (one process): each device holds 1/8 of the
-  frozen backbone, and 4 trainer steps give the replicated run's prompts and logits (1e-5)."""
+  frozen backbone, and 4 trainer steps give the replicated run's prompts and logits (1e-5); so
+  do microbatched steps (microbatch_size=2: 4 chunks of each device's 8 rows)."""
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=flags)
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_frozen_run.py"),
@@ -127,6 +128,11 @@ def test_frozen_weights_sharded_over_eight_devices(tmp_path):
   assert "PartitionSpec()" not in res["sharded_specs"]  # every leaf of the tiny ViT is split
   assert res["prompts_max_abs"] > 1e-3  # the prompts did train
   assert res["trainable_max_diff"] < 1e-5 and res["logits_max_diff"] < 1e-5
+  # Microbatches cut from each device's own rows: the same training, and no collective beyond
+  # the whole-batch step's (the gradient all-reduce): no row moves between devices.
+  assert res["microbatched_trainable_max_diff"] < 1e-5
+  assert res["microbatched_logits_max_diff"] < 1e-5 * res["logits_max_abs"]  # float32 rounding
+  assert res["microbatched_collectives"] == res["whole_batch_collectives"] == ["all-reduce"]
 
 
 # ------------------------------------------------------------------------------------------------

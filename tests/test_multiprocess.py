@@ -1,6 +1,7 @@
 """Multi-process training for real: 2 processes x 4 CPU devices, jax.distributed over gloo.
 
-One module-scoped set of runs (the costly part is each process's start and compile):
+One module-scoped set of runs (the costly part is each process's start and compile; the processes
+are forked from one that imported vpt_jax once, `tests/mp_zygote.py`):
   * `ref`: one process with 8 devices; `one`: the same config in the test's own process, one
     device (the data-parallel path equals one device's);
   * `multi`: the same config in 2 processes of 4 devices each, coordinator on localhost;
@@ -10,6 +11,7 @@ One module-scoped set of runs (the costly part is each process's start and compi
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -39,39 +41,58 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, rows_dir, devices, distributed=None):
-  """A `vpt_jax.main` process; distributed = (process_id, num_processes, port) or None."""
-  cmd = [sys.executable, "-m", "vpt_jax.main", f"--config=configs/demo.py:{ARG}",
-         f"--workdir={workdir}"]
-  if distributed:
-    pid, n, port = distributed
-    cmd += ["--jax_distributed", f"--coordinator_address=localhost:{port}",
-            f"--num_processes={n}", f"--process_id={pid}"]
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
-             **{pipeline.ROWS_LOG_ENV: rows_dir})
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+class _Zygote:
+  """tests/mp_zygote.py: `vpt_jax.main` processes forked from one that imported everything once
+  (each is a process of its own, with its own JAX runtime; only the imports are shared)."""
 
+  def __init__(self, logs):
+    self.logs = logs
+    self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "mp_zygote.py")],
+                                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT,
+                                                    JAX_PLATFORMS="cpu"),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.started = []
 
-def _two_processes(workdir, rows_dir):
-  port = _free_port()
-  return [_start(workdir, rows_dir, 4, (i, 2, port)) for i in range(2)]
+  def start(self, name, workdir, rows_dir, devices, distributed=None):
+    """One `vpt_jax.main` run; distributed = (process_id, num_processes, port) or None."""
+    argv = [f"--config=configs/demo.py:{ARG}", f"--workdir={workdir}"]
+    if distributed:
+      pid, n, port = distributed
+      argv += ["--jax_distributed", f"--coordinator_address=localhost:{port}",
+               f"--num_processes={n}", f"--process_id={pid}"]
+    log = os.path.join(self.logs, f"{name}.log")
+    env = {pipeline.ROWS_LOG_ENV: rows_dir}
+    self.proc.stdin.write(json.dumps({"start": name, "devices": devices, "log": log, "env": env,
+                                      "argv": argv}) + "\n")
+    self.proc.stdin.flush()
+    self.started.append(name)
 
+  def two_processes(self, name, workdir, rows_dir):
+    port = _free_port()
+    for i in range(2):
+      self.start(f"{name}{i}", workdir, rows_dir, 4, (i, 2, port))
 
-def _finish(procs):
-  outs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outs.append(out)
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out
-  return outs
+  def finish(self):
+    """{name: output} of the runs started since the last call; each must exit 0."""
+    self.proc.stdin.write(json.dumps({"wait": True}) + "\n")
+    self.proc.stdin.flush()
+    ready, _, _ = select.select([self.proc.stdout], [], [], 600)
+    if not ready:
+      self.close()
+      raise TimeoutError("the multi-process runs did not finish in 600 s")
+    codes = json.loads(self.proc.stdout.readline())
+    outs = {}
+    for name in self.started:
+      with open(os.path.join(self.logs, f"{name}.log")) as f:
+        outs[name] = f.read()
+      assert codes.get(name) == 0, (name, codes, outs[name][-3000:])
+    self.started = []
+    return outs
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.kill()
+    self.proc.wait(timeout=30)
 
 
 def _trainable(workdir):
@@ -89,22 +110,28 @@ def _rows(rows_dir, process):
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("multiprocess")
   d = {k: str(base / k) for k in ("ref", "multi", "resumed")}
-  procs = [_start(d["ref"], d["ref"] + "_rows", 8)]
-  procs += _two_processes(d["multi"], d["multi"] + "_rows")
-  # Meanwhile, the same config on this process's single device (test_eight_devices_...).
-  d["one"] = str(base / "one")
-  one = loop.train_and_evaluate(demo.get_config(ARG), d["one"])
-  assert one["devices"] == 1 == jax.device_count()
-  outs = _finish(procs)
-  # The state on disk after a crash right after step 1's save: later checkpoints never written.
-  shutil.copytree(d["multi"], d["resumed"])
-  for which in ("last", "best"):
-    for step in os.listdir(os.path.join(d["resumed"], "checkpoints", which)):
-      if step.isdigit() and int(step) > 1:
-        shutil.rmtree(os.path.join(d["resumed"], "checkpoints", which, step))
-  os.remove(os.path.join(d["resumed"], "results.json"))
-  resumed_outs = _finish(_two_processes(d["resumed"], d["resumed"] + "_rows"))
-  return d, {"ref": outs[0], "multi": outs[1:], "resumed": resumed_outs}
+  zygote = _Zygote(str(base))
+  try:
+    zygote.start("ref", d["ref"], d["ref"] + "_rows", 8)
+    zygote.two_processes("multi", d["multi"], d["multi"] + "_rows")
+    # Meanwhile, the same config on this process's single device (test_eight_devices_...).
+    d["one"] = str(base / "one")
+    one = loop.train_and_evaluate(demo.get_config(ARG), d["one"])
+    assert one["devices"] == 1 == jax.device_count()
+    outs = zygote.finish()
+    # The state on disk after a crash right after step 1's save: later checkpoints never written.
+    shutil.copytree(d["multi"], d["resumed"])
+    for which in ("last", "best"):
+      for step in os.listdir(os.path.join(d["resumed"], "checkpoints", which)):
+        if step.isdigit() and int(step) > 1:
+          shutil.rmtree(os.path.join(d["resumed"], "checkpoints", which, step))
+    os.remove(os.path.join(d["resumed"], "results.json"))
+    zygote.two_processes("resumed", d["resumed"], d["resumed"] + "_rows")
+    resumed = zygote.finish()
+  finally:
+    zygote.close()
+  return d, {"ref": outs["ref"], "multi": [outs["multi0"], outs["multi1"]],
+             "resumed": [resumed["resumed0"], resumed["resumed1"]]}
 
 
 def test_two_processes_train_like_one_process_with_eight_devices(runs):

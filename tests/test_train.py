@@ -209,3 +209,53 @@ def test_progress_line_counts_a_partial_last_epoch(capsys):
   assert "epoch 5/5" in p.line(300, {"loss": 1.0})
   assert "epoch 1/5" in p.line(63, {"loss": 1.0}) and "epoch 2/5" in p.line(64, {})
   assert "epoch 2/2" in Progress(26, 13, 64, 0).line(26, {})
+
+
+@pytest.mark.parametrize("microbatch", [2, 5])
+def test_microbatched_steps_equal_whole_batch_steps(setup, microbatch):
+  """Chunks of the batch, one after the other (microbatch_size): the summed chunk gradients are
+  the whole batch's, with a partial batch's padding rows masked out, to float32 rounding."""
+  model, trainable, frozen = setup["model"], setup["trainable"], setup["frozen"]
+  images = np.concatenate([IMAGES, IMAGES[:, ::-1], IMAGES[:, :, ::-1]])
+  batch = {"image": images, "label": (np.arange(12) * 7 % 10).astype(np.int32),
+           "mask": (np.arange(12) < 9).astype(np.float32)}
+  assert steps.num_chunks(12, microbatch) == {2: 6, 5: 3}[microbatch]
+  state = steps.create_train_state(trainable, setup["tx"], jax.random.PRNGKey(1))
+  whole = jax.jit(steps.make_train_step(model, setup["tx"], setup["schedule"]))
+  parts = jax.jit(steps.make_train_step(model, setup["tx"], setup["schedule"],
+                                        microbatch=microbatch))
+  (s1, m1), (s2, m2) = whole(state, frozen, batch), parts(state, frozen, batch)
+  for k in m1:
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
+  moved = 0.0
+  for a, b, p in zip(jax.tree.leaves(s2.trainable), jax.tree.leaves(s1.trainable),
+                     jax.tree.leaves(trainable)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    moved = max(moved, float(np.abs(b - p).max()))
+  assert moved > 1e-3  # the step did move the parameters
+  # A masked-out row changes nothing, chunked or not.
+  poisoned = dict(batch, label=np.where(batch["mask"] > 0, batch["label"], 0).astype(np.int32))
+  s3, _ = parts(state, frozen, poisoned)
+  for a, b in zip(jax.tree.leaves(s3.trainable), jax.tree.leaves(s2.trainable)):
+    np.testing.assert_array_equal(a, b)
+  e1 = jax.jit(steps.make_eval_step(model))(trainable, frozen, batch)
+  e2 = jax.jit(steps.make_eval_step(model, microbatch=microbatch))(trainable, frozen, batch)
+  for k in e1:
+    np.testing.assert_allclose(e2[k], e1[k], rtol=1e-5, err_msg=k)
+
+
+def test_automatic_microbatches_only_on_cpu_and_for_large_activations():
+  from configs import common
+  from vpt_jax.tuning import build
+  cfg = common.get_config()
+  vit_b = vpt_jax.models.vit.VisionTransformer(
+      image_size=(224, 224), patch_size=(16, 16), width=768, depth=12, num_heads=12, mlp_dim=3072)
+  per_row = build.activation_bytes_per_row(cfg, vit_b)  # VPT-deep p=50: 247 tokens
+  assert per_row == 4 * max(247 * 3072, 3 * 247 * 768, 12 * 247 * 247)
+  assert steps.auto_microbatch(0, per_row, "cpu") == steps.CPU_CHUNK_BYTES // per_row == 5
+  assert steps.num_chunks(64, 5) == 16  # chunks of 4 rows (the fewest chunks of <= 5 rows)
+  assert steps.auto_microbatch(0, per_row, "gpu") == steps.auto_microbatch(0, per_row, "tpu") == 0
+  assert steps.auto_microbatch(3, per_row, "gpu") == 3  # an explicit setting applies anywhere
+  assert steps.auto_microbatch(0, None, "cpu") == 0     # families without an estimate
+  tiny = vit_b.clone(image_size=(32, 32), patch_size=(4, 4), width=64, mlp_dim=128, num_heads=4)
+  assert steps.auto_microbatch(0, build.activation_bytes_per_row(cfg, tiny), "cpu") > 64

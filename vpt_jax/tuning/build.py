@@ -25,7 +25,7 @@ from vpt_jax.weights import backbones, download
 _TOP_LEVEL = {"task", "group", "prune", "model", "prompt", "protocol", "trainable", "optim", "data",
               "batch_size", "seed", "eval_every_epochs", "log_every_steps",
               "checkpoint_every_steps", "keep_checkpoints", "modules", "cache_features",
-              "seg"}
+              "seg", "microbatch_size"}
 # Model fields that determine the parameters and their function (not execution choices such as
 # `fast_path`, `dtype` or `remat`).
 ARCHITECTURE = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes",
@@ -85,6 +85,17 @@ class Built:
     } | ({} if module_hooks is None else {"module_hooks": _hook_fields(module_hooks)})
 
 
+def activation_bytes_per_row(config: ml_collections.ConfigDict, model: Any) -> Optional[int]:
+  """A ViT layer's largest activation for one image (MLP hidden, q/k/v or attention weights), in
+  float32 bytes: what `microbatch_size=0` sizes CPU chunks by. None for the other families."""
+  if families.family_of(model):
+    return None
+  grid = (model.image_size[0] // model.patch_size[0]) * (model.image_size[1] // model.patch_size[1])
+  tokens = grid + int(model.class_token) + config.prompt.length
+  keys = tokens + config.prompt.kv_length
+  return 4 * max(tokens * model.mlp_dim, 3 * tokens * model.width, model.num_heads * tokens * keys)
+
+
 def _hook_fields(hooks: Any) -> Optional[Dict[str, Any]]:
   if hooks is None:
     return None
@@ -123,6 +134,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("eval_every_epochs", "checkpoint_every_steps"):
     if config[key] < 0:
       raise ValueError(f"config {key}={config[key]} must be >= 0")
+  if config.get("microbatch_size", 0) < 0:
+    raise ValueError(f"config microbatch_size={config.microbatch_size} must be >= 0 "
+                     "(0: automatic)")
   if config.log_every_steps <= 0:
     raise ValueError(f"config log_every_steps={config.log_every_steps} must be > 0")
   if config.keep_checkpoints < 1:

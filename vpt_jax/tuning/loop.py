@@ -145,13 +145,31 @@ def cache_prefix(run: Run) -> None:
                                                       f"{time.time() - t0:.1f} s"))
 
 
+def microbatch(run: Run) -> int:
+  """Rows per device per chunk of the steps (0: whole batches): `microbatch_size`, or on a CPU
+  with `microbatch_size=0` chunks of about `steps.CPU_CHUNK_BYTES` of activations."""
+  config = run.config
+  mb = steps.auto_microbatch(config.microbatch_size,
+                             build.activation_bytes_per_row(config, run.built.model),
+                             jax.default_backend())
+  rows = config.batch_size // jax.device_count()
+  return mb if 0 < mb < rows else 0
+
+
 def _jit_steps(run: Run) -> Tuple[Callable, Callable]:
   replicated, batch = run.shardings
   gather = lambda step: memory.gathered(step, run.frozen_sharding, replicated)
-  train_step = jax.jit(gather(steps.make_train_step(run.model, run.tx, run.schedule)),
+  mb = microbatch(run)
+  if mb:
+    rows, setting = run.config.batch_size // jax.device_count(), run.config.microbatch_size
+    run.say(f"microbatches: each device's {rows} rows in {steps.num_chunks(rows, mb)} chunks, "
+            f"one after the other (microbatch_size={setting}"
+            f"{': automatic, CPU' if not setting else ''})")
+  kw = dict(microbatch=mb, devices=jax.device_count())
+  train_step = jax.jit(gather(steps.make_train_step(run.model, run.tx, run.schedule, **kw)),
                        donate_argnums=(0,), in_shardings=(replicated, run.frozen_sharding, batch),
                        out_shardings=(replicated, replicated))
-  eval_step = jax.jit(gather(steps.make_eval_step(run.model)),
+  eval_step = jax.jit(gather(steps.make_eval_step(run.model, **kw)),
                       in_shardings=(replicated, run.frozen_sharding, batch),
                       out_shardings=replicated)
   return train_step, eval_step
