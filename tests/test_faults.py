@@ -104,8 +104,8 @@ def test_nan_stop_never_saves_a_non_finite_state(tmp_path, monkeypatch):
   # and grad norm stay finite: the old check saved that state and named it the last good one.
   real = steps.make_train_step
 
-  def poisoned(model, tx, schedule):
-    step_fn = real(model, tx, schedule)
+  def poisoned(model, tx, schedule, **kw):
+    step_fn = real(model, tx, schedule, **kw)
 
     def wrapped(state, frozen, batch):
       new, metrics = step_fn(state, frozen, batch)
