@@ -117,3 +117,15 @@ def test_cached_and_uncached_training_agree(tmp_path, capsys, protocol, prompt, 
   c.model.checkpoint = "tiny-random"
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(v1), jax.tree.leaves(build.build(c).variables)))
+
+
+def test_prefix_in_chunks_equals_the_whole_batch():
+  """The cached prefix computed in chunks of images (`microbatch_size`, automatic on CPUs) is the
+  whole batch's, row for row and in order."""
+  built = build.build(config("vpt", length=2, deep=True))
+  images = np.random.default_rng(0).uniform(-1, 1, (12, 32, 32, 3)).astype(np.float32)
+  whole = np.asarray(cache.prefix_fn(built.model, 2)(built.variables, images))
+  for mb in (4, 5):  # 3 chunks of 4 rows each time
+    got = np.asarray(cache.prefix_fn(built.model, 2, microbatch=mb)(built.variables, images))
+    assert got.shape == whole.shape == (12, whole.shape[1], built.model.width)
+    np.testing.assert_allclose(got, whole, atol=1e-5, rtol=1e-5)

@@ -27,7 +27,7 @@ from vpt_jax.data.split import eval_order, train_order
 from vpt_jax.models import heads
 from vpt_jax.models.hooks import Hooks, hook_parts
 from vpt_jax.models.vit import VisionTransformer
-from vpt_jax.tuning import families, rules
+from vpt_jax.tuning import families, rules, steps
 
 MODES = ("auto", "true", "false")
 MAX_CACHE_BYTES = 8 << 30      # host memory the cached token sequences may take
@@ -134,16 +134,17 @@ def plan(model: VisionTransformer, mask: Any, *, mode: str, deterministic: bool,
   return Plan(0, f"not used: {obstacle}")
 
 
-def prefix_fn(model: VisionTransformer, layer: int) -> Callable:
+def prefix_fn(model: VisionTransformer, layer: int, microbatch: int = 0) -> Callable:
   """jitted (variables, images) -> the (batch, tokens, width) sequence entering `layer`.
 
   The model's own forward (hooks included) up to the sown 'block_{layer - 1}'; under jit the
-  later layers are dead code and never run.
+  later layers are dead code and never run. `microbatch` > 0: in chunks of that many images, one
+  after the other (`steps.map_in_chunks`; the trainer's `microbatch_size`).
   """
-  def fn(variables, images):
+  def prefix(variables, images):
     _, state = model.apply(variables, images, mutable=["intermediates"])
     return state["intermediates"]["Transformer"][f"block_{layer - 1}"][0]
-  return jax.jit(fn)
+  return jax.jit(lambda v, x: steps.map_in_chunks(lambda c: prefix(v, c), x, microbatch))
 
 
 def compute_tokens(fn: Callable, variables: Any, pipe) -> np.ndarray:
@@ -222,10 +223,11 @@ def pooled_fn(model: Any) -> Callable:
 
 
 def cache_pipelines(model: VisionTransformer, layer: int, variables: Mapping[str, Any],
-                    pipes: Mapping[str, Any]) -> Tuple[EnterAt, Dict[str, TokenPipeline], float]:
+                    pipes: Mapping[str, Any], microbatch: int = 0
+                    ) -> Tuple[EnterAt, Dict[str, TokenPipeline], float]:
   """(the model entered at `layer`, each pipeline over cached tokens, bytes cached)."""
   other = bool(families.family_of(model))
-  fn = pooled_fn(model) if other else prefix_fn(model, layer)
+  fn = pooled_fn(model) if other else prefix_fn(model, layer, microbatch)
   out = {name: TokenPipeline(p, compute_tokens(fn, variables, p)) for name, p in pipes.items()}
   entered = HeadOnly(model, layer) if other else EnterAt(model, layer)
   return entered, out, float(sum(p.tokens.nbytes for p in out.values()))

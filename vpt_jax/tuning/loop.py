@@ -136,7 +136,7 @@ def cache_prefix(run: Run) -> None:
     return
   t0 = time.time()
   run.model, pipes, nbytes = cache.cache_pipelines(run.model, plan.layer, run.built.variables,
-                                                   pipes)
+                                                   pipes, microbatch=_chunk_rows(run))
   run.train_pipe = pipes.pop("train")
   run.eval_pipes = pipes
   run.cached_layer = plan.layer
@@ -145,14 +145,17 @@ def cache_prefix(run: Run) -> None:
                                                       f"{time.time() - t0:.1f} s"))
 
 
+def _chunk_rows(run: Run) -> int:
+  """`microbatch_size`, or with 0 on a CPU, rows of about `steps.CPU_CHUNK_BYTES` of
+  activations (0: whole batches)."""
+  return steps.auto_microbatch(run.config.get("microbatch_size", 0),
+                               build.activation_bytes_per_row(run.config, run.built.model),
+                               jax.default_backend())
+
+
 def microbatch(run: Run) -> int:
-  """Rows per device per chunk of the steps (0: whole batches): `microbatch_size`, or on a CPU
-  with `microbatch_size=0` chunks of about `steps.CPU_CHUNK_BYTES` of activations."""
-  config = run.config
-  mb = steps.auto_microbatch(config.microbatch_size,
-                             build.activation_bytes_per_row(config, run.built.model),
-                             jax.default_backend())
-  rows = config.batch_size // jax.device_count()
+  """Rows per device per chunk of the train and eval steps (0: whole batches)."""
+  mb, rows = _chunk_rows(run), run.config.batch_size // jax.device_count()
   return mb if 0 < mb < rows else 0
 
 
@@ -161,7 +164,8 @@ def _jit_steps(run: Run) -> Tuple[Callable, Callable]:
   gather = lambda step: memory.gathered(step, run.frozen_sharding, replicated)
   mb = microbatch(run)
   if mb:
-    rows, setting = run.config.batch_size // jax.device_count(), run.config.microbatch_size
+    rows = run.config.batch_size // jax.device_count()
+    setting = run.config.get("microbatch_size", 0)
     run.say(f"microbatches: each device's {rows} rows in {steps.num_chunks(rows, mb)} chunks, "
             f"one after the other (microbatch_size={setting}"
             f"{': automatic, CPU' if not setting else ''})")

@@ -85,6 +85,16 @@ def num_chunks(rows_per_device: int, microbatch: int) -> int:
               if rows_per_device % n == 0)
 
 
+def map_in_chunks(fn: Callable, x: jax.Array, microbatch: int) -> Any:
+  """`fn` over the rows of `x` (on one device) in chunks of at most `microbatch` rows, one after
+  the other, the outputs' rows concatenated in order (0: all rows at once)."""
+  n = num_chunks(x.shape[0], microbatch)
+  if n == 1:
+    return fn(x)
+  out = jax.lax.map(fn, x.reshape((n, x.shape[0] // n) + x.shape[1:]))
+  return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), out)
+
+
 def _chunked(x: jax.Array, n: int, devices: int) -> jax.Array:
   """(B, ...) -> (n, B / n, ...), chunk k holding rows k*m..(k+1)*m-1 of every device's shard.
 
