@@ -11,9 +11,10 @@ what the output needs; `straightforward`: every row of every layer) and `--micro
 (0: the whole batch at once; auto: the trainer's default, chunks of the batch one after the other
 on a CPU, `microbatch_size` in the README): forward and train-step FLOPs from XLA's cost analysis
 (the step includes the gradient-norm logging the trainer does), their ratio, the compiled step's
-memory, images/s over timed steps, and the FLOP/s achieved, as a fraction of the machine's large-matmul FLOP/s measured
-in the same run, round by round (matmul, every step, matmul, every step, ...; medians), because a
-shared machine's speed changes during a run. Targets (issue 3): VPT step <= 2.05x its forward
+memory, images/s over timed steps, and the FLOP/s achieved, as a fraction of the machine's
+large-matmul FLOP/s measured in the same run, round by round (matmul, every step, matmul, every
+step, ...; medians), because a shared machine's speed changes during a run. A step whose compiled
+temp memory exceeds 80% of the free memory is reported but not run. Targets (issue 3): VPT step <= 2.05x its forward
 FLOPs. Targets (issue 19): VPT-deep fast step >= 0.85x the matmul rate at batch 8 and 64; the plain
 ViT (linear probe) >= 0.9x.
 Targets (issue 9): VPT-deep fast forward <= 1.05x the plain ViT's forward FLOPs; VPT-deep fast
