@@ -155,8 +155,8 @@ def _chunk_rows(run: Run) -> int:
 
 def microbatch(run: Run) -> int:
   """Rows per device per chunk of the train and eval steps (0: whole batches)."""
-  mb, rows = _chunk_rows(run), run.config.batch_size // jax.device_count()
-  return mb if 0 < mb < rows else 0
+  mb = _chunk_rows(run)
+  return mb if steps.num_chunks(run.config.batch_size // jax.device_count(), mb) > 1 else 0
 
 
 def _jit_steps(run: Run) -> Tuple[Callable, Callable]:

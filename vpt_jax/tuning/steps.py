@@ -46,16 +46,22 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def make_loss_fn(model: Any) -> Callable:
-  """loss(trainable, frozen, images, labels, rng, mask=None) -> (mean loss, logits).
+  """loss(trainable, frozen, images, labels, rng, mask=None, count=None) -> (mean loss, logits).
 
   `mask` (1 = real example) excludes the padding rows of an epoch's last, partial batch, so the
   gradient is the one of the real examples alone (the official loader's smaller last batch).
+  `count`: divide the masked sum by this (a whole batch's real examples) instead of taking these
+  rows' mean: a microbatch's losses then add up over the chunks to the batch's mean loss, and so
+  do their gradients.
   """
 
-  def loss_fn(trainable, frozen, images, labels, rng, mask=None):
+  def loss_fn(trainable, frozen, images, labels, rng, mask=None, count=None):
     variables = rules.merge(trainable, frozen)
     logits = model.apply(variables, images, train=True, rngs={"dropout": rng})
-    return masked_mean(cross_entropy(logits, labels), mask), logits
+    losses = cross_entropy(logits, labels)
+    if count is None:
+      return masked_mean(losses, mask), logits
+    return jnp.sum(losses * mask) / count, logits
   return loss_fn
 
 
@@ -91,7 +97,7 @@ def map_in_chunks(fn: Callable, x: jax.Array, microbatch: int) -> Any:
   n = num_chunks(x.shape[0], microbatch)
   if n == 1:
     return fn(x)
-  out = jax.lax.map(fn, x.reshape((n, x.shape[0] // n) + x.shape[1:]))
+  out = jax.lax.map(fn, _chunked(x, n, devices=1))
   return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), out)
 
 
@@ -118,28 +124,19 @@ def make_train_step(model: Any, tx: optax.GradientTransformation,
   fraction of the rate they reach over 8 (benchmarks/step_cost.py). `devices`: how many devices
   the batch is split over (the chunks are cut from each device's rows).
   """
-  loss_fn = make_loss_fn(model)
-
-  def chunk_loss(trainable, frozen, images, labels, rng, mask, count):
-    """Sum of the chunk's masked losses over the whole batch's count: these add up over the
-    chunks to the batch's mean loss, and so do their gradients."""
-    variables = rules.merge(trainable, frozen)
-    logits = model.apply(variables, images, train=True, rngs={"dropout": rng})
-    return jnp.sum(cross_entropy(logits, labels) * mask) / count, logits
+  grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
 
   def grads_and_metrics(trainable, frozen, batch, rng):
     images, labels = batch["image"], batch["label"]
     mask = batch.get("mask")
     n = num_chunks(images.shape[0] // devices, microbatch)
     if n == 1:
-      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          trainable, frozen, images, labels, rng, mask)
+      (loss, logits), grads = grad_fn(trainable, frozen, images, labels, rng, mask)
       correct = masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
       return loss, correct, grads
     mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask
     count = jnp.maximum(jnp.sum(mask), 1.0)
     xs = jax.tree.map(lambda x: _chunked(x, n, devices), (images, labels, mask))
-    grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
 
     def body(carry, chunk):
       k, loss, correct, grads = carry
