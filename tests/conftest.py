@@ -30,9 +30,8 @@ for _name, _value in (("jax_compilation_cache_dir", CACHE),
 # the default level.
 O0_FLAG = "--xla_backend_optimization_level=0"
 if os.environ.get("VPT_JAX_TEST_XLA_OPT", "0") == "0":
-  _O0 = O0_FLAG
-  if _O0 not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_O0}".strip()
+  if O0_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {O0_FLAG}".strip()
 # TensorFlow (tf.data only, here) imports Keras 3 eagerly, and Keras imports scikit-learn's
 # wrappers: 2 of the 5 CPU seconds of `import tensorflow` in every test process and subprocess.
 # vpt_jax never uses Keras; asking TensorFlow for the legacy Keras package, which is not
@@ -162,7 +161,10 @@ def pytest_xdist_make_scheduler(config, log):
 LONGEST_FIRST = ("tests/test_faults.py::test_sigkill", "tests/test_multiprocess.py",
                  "tests/test_colabs.py", "tests/test_export.py::test_pretraining",
                  "tests/test_seg_main.py", "tests/test_backbone_training.py",
-                 "tests/test_memory.py::test_frozen_weights_sharded")
+                 "tests/test_memory.py::test_frozen_weights_sharded", "tests/test_report.py",
+                 "tests/test_pruning.py", "tests/test_baselines.py", "tests/test_serving.py",
+                 "tests/test_main.py::test_resume_after_kill", "tests/test_swin.py",
+                 "tests/test_features.py::test_cached_and_uncached")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,9 +34,12 @@ def run(kind: str, workdir: str, microbatch: int = 0):
   logits = jax.jit(memory.gathered(apply, r.frozen_sharding, r.shardings[0]))(
       r.state, r.frozen, batch["image"])
   specs = sorted({str(s.spec) for s in jax.tree.leaves(r.frozen_sharding)})
-  hlo = train_step.lower(r.state, r.frozen, batch).compile().as_text()
-  collectives = sorted({c for c in ("all-reduce", "all-gather", "all-to-all", "collective-permute",
-                                    "reduce-scatter") if f" {c}(" in hlo or f" {c}-start(" in hlo})
+  collectives = None
+  if kind == "replicated":  # compared between the whole-batch and the microbatched step
+    hlo = train_step.lower(r.state, r.frozen, batch).compile().as_text()
+    collectives = sorted({c for c in ("all-reduce", "all-gather", "all-to-all",
+                                      "collective-permute", "reduce-scatter")
+                          if f" {c}(" in hlo or f" {c}-start(" in hlo})
   out = (np.asarray(logits), jax.device_get(r.state.trainable), memory.device_bytes(r.frozen),
          specs, collectives)
   r.ckpt.close()

@@ -99,6 +99,13 @@ def _saved_steps(workdir, which="last"):
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
+def _drop_checkpoints(workdir, which, drop):
+  """Deletes the saved steps of `which` (last/best) for which `drop(step)` holds."""
+  for step in _saved_steps(workdir, which):
+    if drop(step):
+      shutil.rmtree(os.path.join(workdir, "checkpoints", which, str(step)))
+
+
 def test_nan_stop_never_saves_a_non_finite_state(tmp_path, monkeypatch):
   # The update of step 3 turns the prompts into NaN while its loss (computed before the update)
   # and grad norm stay finite: the old check saved that state and named it the last good one.
@@ -158,17 +165,13 @@ def test_resume_from_any_consistent_subset_keeps_every_result(tmp_path, referenc
     shutil.copytree(ref_wd, wd)
     os.remove(os.path.join(wd, "results.json"))
     if case == "last lacks best's step":
-      for step in _saved_steps(wd):
-        if step >= best_step:
-          shutil.rmtree(os.path.join(wd, "checkpoints", "last", str(step)))
+      _drop_checkpoints(wd, "last", lambda step: step >= best_step)
     if case == "killed between last and best saves":
       # last/ saved the validated best step, best/ did not: nothing after it was written. The
       # resumed run starts at that step and never validates it again.
       assert best_step in _saved_steps(wd)
-      for step in _saved_steps(wd):
-        if step > best_step:
-          shutil.rmtree(os.path.join(wd, "checkpoints", "last", str(step)))
-      shutil.rmtree(os.path.join(wd, "checkpoints", "best", str(best_step)))
+      _drop_checkpoints(wd, "last", lambda step: step > best_step)
+      _drop_checkpoints(wd, "best", lambda step: step == best_step)
     results = loop.train_and_evaluate(cfg(), wd)
     assert _comparable(results) == _comparable(ref_results), case
     with open(os.path.join(wd, "results.json")) as f:

@@ -154,6 +154,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     ("prompt.pool=mean", ValueError, r"prompt.pool='mean'"),
     ("model.checkpoint=/no/such.npz", FileNotFoundError, r"/no/such.npz"),
     ("batch_size=0", ValueError, r"batch_size=0"),
+    ("microbatch_size=-2", ValueError, r"microbatch_size=-2 must be >= 0"),
     ("optim.name=lamb", ValueError, r"optim.name='lamb'"),
     ("data.crop=zoom", ValueError, r"data.crop='zoom'"),
     ("protocol=lora", ValueError, r"unknown protocol 'lora'"),
