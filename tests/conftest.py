@@ -22,16 +22,19 @@ for _name, _value in (("jax_compilation_cache_dir", CACHE),
                       ("jax_persistent_cache_min_entry_size_bytes", 0)):
   os.environ[_name.upper()] = str(_value)
   jax.config.update(_name, _value)
-# The suite compiles hundreds of small XLA programs and runs each only briefly: LLVM's optimisation
-# level 0 cuts their compile CPU by about 40% (test_fast_path, cold cache: 64 s against 108 s)
-# for slower tiny-model steps. The HLO, hence what is computed, is the same; exactness tests
-# compare runs under the same flags or within a tolerance. Exported through the environment, so
-# the tests' subprocesses and notebook kernels compile the same way; VPT_JAX_TEST_XLA_OPT=1 keeps
-# the default level.
+# The suite compiles hundreds of small XLA programs and runs each only briefly, so compile time
+# is most of its CPU: two XLA:CPU settings cut it by more than half for slower tiny-model steps.
+# LLVM's optimisation level 0 (test_fast_path, cold cache: 64 s of CPU against 108 s), and XLA's
+# older elemental loop emitters for fusions instead of the MLIR fusion emitters (test_train, cold
+# cache: 14 s of XLA compile against 31 s). The HLO, hence what is computed, is the same;
+# exactness tests compare runs under the same flags or within a tolerance. Exported through the
+# environment, so the tests' subprocesses and notebook kernels compile the same way;
+# VPT_JAX_TEST_XLA_OPT=1 keeps XLA's defaults.
 O0_FLAG = "--xla_backend_optimization_level=0"
+TEST_XLA_FLAGS = (O0_FLAG, "--xla_cpu_use_fusion_emitters=false")
 if os.environ.get("VPT_JAX_TEST_XLA_OPT", "0") == "0":
-  if O0_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {O0_FLAG}".strip()
+  _flags = os.environ.get("XLA_FLAGS", "").split()
+  os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in TEST_XLA_FLAGS if f not in _flags])
 # TensorFlow (tf.data only, here) imports Keras 3 eagerly, and Keras imports scikit-learn's
 # wrappers: 2 of the 5 CPU seconds of `import tensorflow` in every test process and subprocess.
 # vpt_jax never uses Keras; asking TensorFlow for the legacy Keras package, which is not
@@ -178,6 +181,21 @@ def pytest_collection_modifyitems(config, items):
 
 _FILE_SECONDS: dict = {}
 _FILE_CPU: dict = {}
+_FILE_JAX: dict = {}   # path -> [trace s, lower s, compile s] in the test processes
+# JAX's own timings of the three stages before a jitted function first runs, summed per phase of
+# each test: the report splits each file's time into them (subprocesses are not counted).
+_JAX_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": 0,
+               "/jax/core/compile/jaxpr_to_mlir_module_duration": 1,
+               "/jax/core/compile/backend_compile_duration": 2}
+_JAX_MARK = [0.0, 0.0, 0.0]
+
+
+def _on_jax_event(event: str, duration: float, **_) -> None:
+  if event in _JAX_EVENTS:
+    _JAX_MARK[_JAX_EVENTS[event]] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
 _TESTS: dict = {}   # node id -> [wall s, CPU s]
 _START = []
 _CPU_MARK = []
@@ -197,6 +215,7 @@ def pytest_sessionstart(session):
 def pytest_runtest_logstart(nodeid, location):
   del nodeid, location
   _CPU_MARK[:] = [_cpu_s()]
+  _JAX_MARK[:] = [0.0, 0.0, 0.0]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -209,6 +228,8 @@ def pytest_runtest_makereport(item, call):
     now = _cpu_s()
     outcome.get_result().user_properties.append(("cpu_s", now - _CPU_MARK[0]))
     _CPU_MARK[0] = now
+  outcome.get_result().user_properties.append(("jax_s", tuple(_JAX_MARK)))
+  _JAX_MARK[:] = [0.0, 0.0, 0.0]
 
 
 def pytest_runtest_logreport(report):
@@ -216,6 +237,8 @@ def pytest_runtest_logreport(report):
   _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
   cpu = dict(report.user_properties).get("cpu_s", 0.0)
   _FILE_CPU[path] = _FILE_CPU.get(path, 0.0) + cpu
+  jax_s = dict(report.user_properties).get("jax_s", (0.0, 0.0, 0.0))
+  _FILE_JAX[path] = [a + b for a, b in zip(_FILE_JAX.get(path, [0.0] * 3), jax_s)]
   test = _TESTS.setdefault(report.nodeid, [0.0, 0.0])
   test[0] += report.duration
   test[1] += cpu
@@ -228,10 +251,16 @@ def pytest_terminal_summary(terminalreporter, config):
   total = sum(_FILE_SECONDS.values())
   wall = time.time() - _START[0]
   tr = terminalreporter
-  tr.section("time per test file (setup + call + teardown, summed over workers; CPU seconds)")
+  tr.section("time per test file (setup + call + teardown, summed over workers; CPU seconds; "
+             "of those, JAX tracing, lowering, XLA compiling in the test processes)")
   for path, s in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
-    tr.write_line(f"{s:8.1f}s {100 * s / total:5.1f}% {_FILE_CPU.get(path, 0.0):7.1f}s CPU  {path}")
+    trace, lower, comp = _FILE_JAX.get(path, (0.0, 0.0, 0.0))
+    tr.write_line(f"{s:8.1f}s {100 * s / total:5.1f}% {_FILE_CPU.get(path, 0.0):7.1f}s CPU "
+                  f"{trace:6.1f} {lower:6.1f} {comp:6.1f}  {path}")
   cpu = sum(_FILE_CPU.values())
+  trace, lower, comp = (sum(v[i] for v in _FILE_JAX.values()) for i in range(3))
+  tr.write_line(f"JAX in the test processes: {trace:.0f}s tracing, {lower:.0f}s lowering, "
+                f"{comp:.0f}s compiling (or reading the cache)")
   tr.write_line(f"{total:8.1f}s summed; {cpu:.0f}s CPU; {wall:.0f}s wall; budget {BUDGET_S:.0f}s "
                 "wall on a slow 2-core host (README, Development)")
   idle = sorted(_TESTS.items(), key=lambda kv: kv[1][1] - kv[1][0])[:8]

@@ -111,8 +111,10 @@ def test_cached_and_uncached_training_agree(tmp_path, capsys, protocol, prompt, 
   assert "cached features: off" in log0
   assert r1["test_top1"] == r0["test_top1"]
   assert r1["test_loss"] == pytest.approx(r0["test_loss"], rel=1e-5)
+  # Two programs that sum in different orders, two epochs at lr 0.25: float32 rounding of leaves
+  # of scale ~1 (the run that trains nothing, or wrongly, is caught by the check below).
   for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v0)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   c = config(protocol, **prompt)
   c.model.checkpoint = "tiny-random"
   assert any(not np.array_equal(a, b) for a, b in zip(

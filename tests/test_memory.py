@@ -112,7 +112,8 @@ def test_unknown_remat_is_refused(setup):
 
 def test_frozen_weights_sharded_over_eight_devices(tmp_path):
   """model.frozen_sharding='sharded' on 8 CPU devices (one process): each device holds 1/8 of the
-  frozen backbone, and 4 trainer steps give the replicated run's prompts and logits (1e-5); so
+  frozen backbone, and 4 trainer steps give the replicated run's prompts (1e-5) and logits (1e-5 of
+  their scale); so
   do microbatched steps (microbatch_size=2: 4 chunks of each device's 8 rows)."""
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=flags)
@@ -127,7 +128,9 @@ def test_frozen_weights_sharded_over_eight_devices(tmp_path):
                                                               rel=0.02)
   assert "PartitionSpec()" not in res["sharded_specs"]  # every leaf of the tiny ViT is split
   assert res["prompts_max_abs"] > 1e-3  # the prompts did train
-  assert res["trainable_max_diff"] < 1e-5 and res["logits_max_diff"] < 1e-5
+  # float32 rounding: the sharded program sums in another order (logits of scale ~30)
+  assert res["trainable_max_diff"] < 1e-5
+  assert res["logits_max_diff"] < 1e-5 * res["logits_max_abs"]
   # Microbatches cut from each device's own rows: the same training, and no collective beyond
   # the whole-batch step's (the gradient all-reduce): no row moves between devices.
   assert res["microbatched_trainable_max_diff"] < 1e-5
