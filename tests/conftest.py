@@ -244,9 +244,10 @@ def pytest_runtest_makereport(item, call):
 def pytest_runtest_logreport(report):
   path = report.nodeid.split("::")[0]
   _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
-  cpu = dict(report.user_properties).get("cpu_s", 0.0)
+  props = dict(report.user_properties)
+  cpu = props.get("cpu_s", 0.0)
   _FILE_CPU[path] = _FILE_CPU.get(path, 0.0) + cpu
-  jax_s = dict(report.user_properties).get("jax_s", (0.0, 0.0, 0.0))
+  jax_s = props.get("jax_s", (0.0, 0.0, 0.0))
   _FILE_JAX[path] = [a + b for a, b in zip(_FILE_JAX.get(path, [0.0] * 3), jax_s)]
   test = _TESTS.setdefault(report.nodeid, [0.0, 0.0])
   test[0] += report.duration

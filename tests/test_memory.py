@@ -113,8 +113,7 @@ def test_unknown_remat_is_refused(setup):
 def test_frozen_weights_sharded_over_eight_devices(tmp_path):
   """model.frozen_sharding='sharded' on 8 CPU devices (one process): each device holds 1/8 of the
   frozen backbone, and 4 trainer steps give the replicated run's prompts (1e-5) and logits (1e-5 of
-  their scale); so
-  do microbatched steps (microbatch_size=2: 4 chunks of each device's 8 rows)."""
+  their scale); so do microbatched steps (microbatch_size=2: 4 chunks of each device's 8 rows)."""
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=flags)
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_frozen_run.py"),
