@@ -30,6 +30,20 @@ def test_digits_splits_are_vtab_like_and_disjoint(digits):
   assert set(digits["test"].labels) == set(range(10))
 
 
+def test_digits_splits_slice_like_tfds_split_strings(digits):
+  """`name[a:b]` takes those rows of the named split, in its order (the tests' quick runs)."""
+  got = sources.load_splits(cfg(), ["train800[:256]", "test[100:]", "val200[10:20]"])
+  for name, base, rows in (("train800[:256]", "train800", slice(None, 256)),
+                           ("test[100:]", "test", slice(100, None)),
+                           ("val200[10:20]", "val200", slice(10, 20))):
+    np.testing.assert_array_equal(got[name].images, digits[base].images[rows])
+    np.testing.assert_array_equal(got[name].labels, digits[base].labels[rows])
+  assert len(got["test[100:]"]) == 697
+  for bad in ("train900", "train800[:x]", "train800[256]"):
+    with pytest.raises(ValueError, match=r"the digits source has train800.*sliced as name\[a:b\]"):
+      sources.load_splits(cfg(), [bad])
+
+
 def test_digits_are_scikit_learns_digits_in_a_fixed_order(digits):
   """The demo reads scikit-learn's data file directly (no sklearn import in training processes):
   the same images and labels as `load_digits`, permuted by the fixed seed-0 permutation."""

@@ -9,9 +9,11 @@ from the repository root (configs are imported as the `configs` package).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import threading
 
 from absl import app, flags
 import jax
@@ -79,6 +81,10 @@ def main(argv) -> None:
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except workdir_lib.SaveFailed as e:
     # A failed orbax save leaves non-daemon threads that never finish: exit without joining them.
+    # Their own reports of the same failure (tracebacks, log lines) would otherwise race with, and
+    # could follow, the one line that names the workdir and the checkpoint to resume from.
+    threading.excepthook = lambda args: None
+    logging.disable(logging.CRITICAL)
     print(f"vpt_jax.main: error: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)  # pylint: disable=protected-access

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import warnings
 from typing import Dict, Sequence
 
@@ -41,7 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
   name, data_dir: the tfds builder (with version, e.g. 'cifar100:3.*.*') and its data directory
     ('' = tfds' default, ~/tensorflow_datasets).
   train_split, val_split, test_split: split names (digits: train800, val200, train800val200,
-    test) or tfds split strings (e.g. 'train[:800]').
+    test, each optionally sliced like a tfds split string: train800[:256]) or tfds split
+    strings (e.g. 'train[:800]').
   num_classes: 0 = read from the source.
   image_key, label_key: feature names in the tfds examples.
   label_transform: '' (use label_key as it is) or a derived label of a VTAB structured task
@@ -87,14 +89,20 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
   return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
+_SLICE = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\]|)$")
+
+
 def _digits(split: str) -> Split:
-  if split not in DIGITS_SPLITS:
+  """A digits split by name, optionally sliced as tfds split strings are (`train800[:256]`: its
+  first 256 examples; quick runs and smoke tests on a subset, the order unchanged)."""
+  m = _SLICE.match(split)
+  if not m or m.group(1) not in DIGITS_SPLITS:
     raise ValueError(f"config data split {split!r}: the digits source has "
-                     f"{', '.join(DIGITS_SPLITS)}")
+                     f"{', '.join(DIGITS_SPLITS)}, each optionally sliced as name[a:b]")
   images, target = _digits_arrays()
   order = np.random.default_rng(0).permutation(len(target))
-  lo, hi = DIGITS_SPLITS[split]
-  idx = order[lo:hi]
+  lo, hi = DIGITS_SPLITS[m.group(1)]
+  idx = order[lo:hi][slice(*(int(x) if x else None for x in m.group(2, 3)))]
   images = np.round(images[idx] * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (n, 8, 8, 1)
   return Split(images, target[idx].astype(np.int32))
 
