@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 
 from configs import demo
-from conftest import ROOT
+from conftest import ROOT, SMALL_DIGITS, SMALL_TRAIN
 from vpt_jax.data import pipeline, sources
 from vpt_jax.tuning import loop, rules, sweeps
 from vpt_jax.tuning import workdir as workdir_lib
 
 # Small, fast settings on the shipped random tiny ViT (the real demo uses `demo-vit`).
 FAST = "model.checkpoint=tiny-random,optim.epochs=2,optim.warmup_epochs=0,eval_every_epochs=1," \
-       "log_every_steps=6"
+       f"log_every_steps=3,{SMALL_DIGITS}"
+SPE = -(-SMALL_TRAIN // demo.get_config().batch_size)  # steps per epoch (last batch partial)
 
 
 def cfg(arm="vpt-deep", extra=""):
@@ -54,7 +55,7 @@ def test_demo_config_end_to_end(tmp_path, capsys):
   for key in ("val_top1", "test_top1", "trainable_params", "trainable_percent_of_backbone",
               "config", "wall_time_s"):
     assert key in results
-  assert results["steps"] == 2 * 13 and results["trainable_params"] == 2 * 8 * 64 + 64 * 10 + 10
+  assert results["steps"] == 2 * SPE and results["trainable_params"] == 2 * 8 * 64 + 64 * 10 + 10
   with open(os.path.join(wd, "results.json")) as f:
     assert json.load(f)["test_top1"] == results["test_top1"]
   records = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
@@ -69,7 +70,7 @@ def test_demo_config_end_to_end(tmp_path, capsys):
   # The saved prompts + the public backbone predict exactly like the trained model.
   model, variables = workdir_lib.load_tuned(wd, which="last")
   config = workdir_lib.read_config(wd)
-  test = sources.load_splits(config.data, ["test"])["test"]
+  test = sources.load_splits(config.data, [config.data.test_split])[config.data.test_split]
   pipe = pipeline.Pipeline(test, pipeline.make_preprocess(config.data, 32, False),
                            batch_size=64, seed=0)
   correct = n = 0
@@ -86,9 +87,9 @@ def _finished_steps(workdir):
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
-# 3 epochs of 13 steps: the kill lands in epoch 1 (after the first checkpoint, step 4) and the
+# 3 epochs of SPE steps: the kill lands after the first checkpoint (step 2) and the
 # resumed run crosses two epoch boundaries (new shuffles, evaluations) before it ends.
-RESUME = f"vpt-deep,{FAST},optim.epochs=3,checkpoint_every_steps=4"
+RESUME = f"vpt-deep,{FAST},optim.epochs=3,checkpoint_every_steps=2"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, reference, capsys):
   proc.wait()
   assert not os.path.exists(os.path.join(wd, "results.json")), "the run ended before the kill"
   killed_at = _finished_steps(wd)[-1]
-  assert 0 < killed_at < 3 * 13
+  assert 0 < killed_at < 3 * SPE
   capsys.readouterr()
   loop.train_and_evaluate(demo.get_config(RESUME), wd)
   assert f"resuming from {wd}/checkpoints/last at step" in capsys.readouterr().out

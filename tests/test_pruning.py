@@ -213,15 +213,17 @@ def _with(**kw):
 
 def test_prune_and_rewind_end_to_end_on_the_demo(tmp_path):
   from configs import demo
+  from conftest import SMALL_DIGITS
   from vpt_jax.tuning import prune_pipeline
   from vpt_jax.data import pipeline, sources
   from vpt_jax.tuning.steps import evaluate, make_eval_step, mesh_shardings
-  # The demo config on the 2-layer random backbone, one epoch per stage: every stage (dense run,
-  # scores, masks, rewind run, compact model) still runs and is checked; the counts below are
-  # written from the model's depth and width.
+  # The demo config on the 2-layer random backbone and a quarter of the digits (SMALL_DIGITS),
+  # one epoch per stage: every stage (dense run, scores, masks, rewind run, compact model) still
+  # runs and is checked; the counts below are written from the model's depth and width.
   c = demo.get_config("vpt-deep,model.checkpoint=tiny-random,prompt.kv_length=2,optim.epochs=1,"
                       "optim.warmup_epochs=0,eval_every_epochs=1,prune.token_fraction=0.5,"
-                      "prune.segment_fraction=0.25,prune.grid=0.5:0.25;0.25:0.5")
+                      "prune.segment_fraction=0.25,prune.grid=0.5:0.25;0.25:0.5,"
+                      + SMALL_DIGITS)
   workdir = str(tmp_path / "prune")
   summary = prune_pipeline.run(c, workdir)
   # every level of the grid has its own masks and rewind directory, keyed by its fractions

@@ -15,7 +15,7 @@ from configs import demo
 
 DEMO = os.path.join(ROOT, "configs", "demo.py")
 FAST = ("model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_every_epochs=1,"
-        "log_every_steps=12,task=digits,group=vtab-natural")
+        "log_every_steps=12,task=digits,group=vtab-natural,data.test_split=test[:200]")
 
 
 @pytest.fixture(scope="module")

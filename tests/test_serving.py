@@ -10,12 +10,13 @@ import pytest
 
 import vpt_jax
 from configs import demo
+from conftest import SMALL_DIGITS
 from vpt_jax import prompts, serving
 from vpt_jax.tuning import loop
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 FAST = "model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_every_epochs=1," \
-       "batch_size=200,log_every_steps=2"
+       f"batch_size=64,log_every_steps=2,{SMALL_DIGITS}"
 
 
 def prompted(base, variables, seed, num_classes, **cfg_kw):
