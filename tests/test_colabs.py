@@ -2,8 +2,8 @@
 
 Each notebook is executed on CPU with its offline settings (OFFLINE = True, the default) in a
 fresh python3 kernel of this interpreter; a failing cell fails the test. The tests shorten the
-run through $VPT_COLAB_EPOCHS, $VPT_COLAB_BACKBONE and $VPT_COLAB_TSNE_POINTS, and send every run
-to a temporary $VPT_COLAB_WORKDIR.
+run through $VPT_COLAB_EPOCHS, $VPT_COLAB_BACKBONE, $VPT_COLAB_TRAIN_SPLIT and
+$VPT_COLAB_TSNE_POINTS, and send every run to a temporary $VPT_COLAB_WORKDIR.
 """
 
 import os
@@ -48,11 +48,12 @@ def test_notebooks_are_what_the_generator_writes(tmp_path):
 def test_notebook_runs_offline_on_cpu(name, tmp_path, monkeypatch):
   from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("VPT_COLAB_WORKDIR", str(tmp_path / "work"))
-  # The smallest offline setting that still runs every cell: two epochs on the 2-layer random
-  # backbone, 60 t-SNE points (sklearn's t-SNE of the default 300 took a minute on 2 busy cores).
+  # The smallest offline setting that still runs every cell: two epochs of 200 digits on the
+  # 2-layer random backbone, 60 t-SNE points (sklearn's t-SNE of the default 300 took a minute on 2 busy cores).
   monkeypatch.setenv("VPT_COLAB_EPOCHS", "2")  # the least the configs allow (1 warmup epoch)
   monkeypatch.setenv("VPT_COLAB_BACKBONE", "tiny-random")
   monkeypatch.setenv("VPT_COLAB_TSNE_POINTS", "60")
+  monkeypatch.setenv("VPT_COLAB_TRAIN_SPLIT", "train800[:200]")  # 4 steps an epoch, not 13
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("PYTHONPATH", ROOT)
   nb = read(name)

@@ -33,7 +33,7 @@ ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd()), "/content/vpt
 sys.path.insert(0, ROOT)
 WORKDIR = os.environ.get("VPT_COLAB_WORKDIR", WORKDIR)
 if OFFLINE:  # the tests run a smaller offline setting: $VPT_COLAB_EPOCHS=2, ...
-  for _name in ("EPOCHS", "BACKBONE", "TSNE_POINTS"):
+  for _name in ("EPOCHS", "BACKBONE", "TSNE_POINTS", "TRAIN_SPLIT"):
     if f"VPT_COLAB_{_name}" in os.environ and _name in globals():
       globals()[_name] = type(globals()[_name])(os.environ[f"VPT_COLAB_{_name}"])
 
@@ -74,6 +74,7 @@ CHECKPOINT = "vit-b16-i21k"     # a model-zoo name (see below), a .npz path or a
 TASK = "cifar100"               # a VTAB-1k task (vpt_jax.data.vtab.TASKS)
 EPOCHS = 10 if OFFLINE else 100   # offline: $VPT_COLAB_EPOCHS overrides it (the tests)
 BACKBONE = "demo-vit"           # offline backbone ($VPT_COLAB_BACKBONE; the tests: tiny-random)
+TRAIN_SPLIT = "train800"        # offline training digits ($VPT_COLAB_TRAIN_SPLIT; tests: a slice)
 TSNE_POINTS = 300               # test images in the t-SNE picture ($VPT_COLAB_TSNE_POINTS offline)
 WORKDIR = "/tmp/vpt_quickstart"  # $VPT_COLAB_WORKDIR overrides it
 REPO_URL = "https://github.com/your-account/vpt_jax.git"  # where to clone from on Colab'''),
@@ -90,7 +91,8 @@ print(vpt_jax.inspect(checkpoint))'''),
 
 if OFFLINE:   # VPT-deep with 8 prompts per layer on the demo backbone, digits 800/200/797
   config = demo.get_config(f"vpt-deep,model.checkpoint={BACKBONE},optim.epochs={EPOCHS},"
-                           "optim.warmup_epochs=1,eval_every_epochs=1,log_every_steps=4")
+                           f"data.train_split={TRAIN_SPLIT},optim.warmup_epochs=1,"
+                           "eval_every_epochs=1,log_every_steps=4")
 else:         # the paper's setting: VPT-deep p=50 on ViT-B/16 at 224px, VTAB-1k train800/val200
   config = vtab.get_config(f"{TASK},model.checkpoint={CHECKPOINT},optim.epochs={EPOCHS}")
   import tensorflow_datasets as tfds
@@ -159,6 +161,7 @@ CHECKPOINT = "vit-b16-i21k"
 TASK = "dtd"
 EPOCHS = 8 if OFFLINE else 100   # offline: $VPT_COLAB_EPOCHS overrides it (the tests)
 BACKBONE = "demo-vit"            # offline backbone ($VPT_COLAB_BACKBONE; the tests: tiny-random)
+TRAIN_SPLIT = "train800"         # offline training digits ($VPT_COLAB_TRAIN_SPLIT; tests: a slice)
 WORKDIR = "/tmp/vpt_baselines"   # $VPT_COLAB_WORKDIR overrides it
 REPO_URL = "https://github.com/your-account/vpt_jax.git"'''),
     ("code", SETUP),
@@ -168,8 +171,8 @@ def arm_config(arm: str, overrides: str):
   if OFFLINE:
     base = {"full": "linear"}.get(arm, arm)
     return demo.get_config(f"{base},model.checkpoint={BACKBONE},optim.epochs={EPOCHS},"
-                           "optim.warmup_epochs=1,eval_every_epochs=1,log_every_steps=4"
-                           + overrides)
+                           f"data.train_split={TRAIN_SPLIT},optim.warmup_epochs=1,"
+                           "eval_every_epochs=1,log_every_steps=4" + overrides)
   return vtab.get_config(f"{TASK},model.checkpoint={CHECKPOINT},optim.epochs={EPOCHS}{overrides}")
 
 # (arm, config overrides). Offline: p = 8 visual prompts, E2VPT adds 4 key-value prompts per layer.
