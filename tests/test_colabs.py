@@ -49,11 +49,12 @@ def test_notebook_runs_offline_on_cpu(name, tmp_path, monkeypatch):
   from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("VPT_COLAB_WORKDIR", str(tmp_path / "work"))
   # The smallest offline setting that still runs every cell: two epochs of 200 digits on the
-  # 2-layer random backbone, 60 t-SNE points (sklearn's t-SNE of the default 300 took a minute on 2 busy cores).
+  # 2-layer random backbone, 60 t-SNE points (sklearn's t-SNE of the default 300 took a minute
+  # on 2 busy cores).
   monkeypatch.setenv("VPT_COLAB_EPOCHS", "2")  # the least the configs allow (1 warmup epoch)
   monkeypatch.setenv("VPT_COLAB_BACKBONE", "tiny-random")
   monkeypatch.setenv("VPT_COLAB_TSNE_POINTS", "60")
-  monkeypatch.setenv("VPT_COLAB_TRAIN_SPLIT", "train800[:200]")  # 4 steps an epoch, not 13
+  monkeypatch.setenv("VPT_COLAB_TRAIN_SPLIT", "train800[:200]")  # 4 steps an epoch (13)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("PYTHONPATH", ROOT)
   nb = read(name)

@@ -40,7 +40,7 @@ def test_digits_splits_slice_like_tfds_split_strings(digits):
     np.testing.assert_array_equal(got[name].labels, digits[base].labels[rows])
   assert len(got["test[100:]"]) == 697
   for bad in ("train900", "train800[:x]", "train800[256]"):
-    with pytest.raises(ValueError, match=r"the digits source has train800.*sliced as name\[a:b\]"):
+    with pytest.raises(ValueError, match=r"digits source has train800.*sliced as name\[a:b\]"):
       sources.load_splits(cfg(), [bad])
 
 

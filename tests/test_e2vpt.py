@@ -117,11 +117,13 @@ def test_vit_b16_counts_and_config_errors():
 def test_trainer_runs_e2vpt_prompts(tmp_path):
   from configs import demo
   from vpt_jax.tuning import loop
+  from conftest import SMALL_DIGITS
   c = demo.get_config("vpt-deep,model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,"
-                      "prompt.length=2,prompt.kv_length=3,log_every_steps=12")
+                      f"prompt.length=2,prompt.kv_length=3,log_every_steps=12,{SMALL_DIGITS}")
   results = loop.train_and_evaluate(c, str(tmp_path))
   # visual 2 layers x 2 x 64, key-value 2 layers x 4 heads x 3 x 16, head 64 x 10 + 10
   assert results["trainable_params"] == 2 * 2 * 64 + 2 * 4 * 3 * 16 + 650
   kv_only = demo.get_config("vpt-deep,model.checkpoint=tiny-random,optim.epochs=1,"
-                            "optim.warmup_epochs=0,prompt.length=0,prompt.kv_length=3")
+                            "optim.warmup_epochs=0,prompt.length=0,prompt.kv_length=3,"
+                            + SMALL_DIGITS)
   assert loop.train_and_evaluate(kv_only, str(tmp_path / "kv"))["trainable_params"] == 384 + 650

@@ -18,7 +18,7 @@ from vpt_jax.analysis import plots
 from vpt_jax.tuning import loop
 
 FAST = "model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,eval_every_epochs=1," \
-       "batch_size=200,log_every_steps=1,prompt.length=4"
+       "batch_size=50,log_every_steps=1,prompt.length=4,data.train_split=train800[:200]"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
