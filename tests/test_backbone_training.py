@@ -184,7 +184,8 @@ def test_serving_refuses_the_official_mae_pooling_and_serves_moco():
 # windows), VPT's pad prompt on the ConvNets; Adam, so one epoch suffices.
 
 OTHER = {
-    "swin": "vpt-deep,model.image_size=48,prompt.length=4,prompt.kv_length=2,optim.epochs=2",
+    "swin": ("vpt-deep,model.image_size=48,prompt.length=4,prompt.kv_length=2,optim.lr=0.03,"
+             "data.train_split=train800[:400]"),
     "convnext": "vpt-shallow,model.image_size=32,prompt.location=pad,prompt.length=4",
     "resnet": "vpt-shallow,model.image_size=32,prompt.location=pad,prompt.length=4",
 }
