@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from conftest import ROOT
+from conftest import ROOT, SMALL_DIGITS
 from vpt_jax.tuning import grid, loop, rules, sweeps
 from vpt_jax.tuning import workdir as workdir_lib
 
 FAST = "model.checkpoint=tiny-random,optim.epochs=2,optim.warmup_epochs=1,eval_every_epochs=1," \
-       "log_every_steps=6"
+       f"log_every_steps=6,{SMALL_DIGITS}"
 # Two lrs, with and without decay: the points must really differ. (At lr >= 0.5 the random
 # backbone's large features make SGD chaotic: vmap's 1-ulp differences grow to ~1e-5 in 26 steps.)
 POINTS = [(0.05, 0.0), (0.2, 1e-2)]

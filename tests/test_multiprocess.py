@@ -28,10 +28,13 @@ from vpt_jax.tuning import loop
 from vpt_jax.tuning import rules
 from vpt_jax.tuning import workdir as workdir_lib
 
-# 2 steps of batch 400 (200 rows per process, 50 per device), a checkpoint after each.
+# 2 steps of batch 96 over 192 digits (48 rows per process, 12 per device), a checkpoint after
+# each; 96 validation and test images.
+BATCH = 96
 ARG = ("vpt-deep,model.checkpoint=tiny-random,optim.epochs=1,optim.warmup_epochs=0,"
-       "eval_every_epochs=1,log_every_steps=1,batch_size=400,checkpoint_every_steps=1,"
-       "keep_checkpoints=5")
+       f"eval_every_epochs=1,log_every_steps=1,batch_size={BATCH},checkpoint_every_steps=1,"
+       "keep_checkpoints=5,data.train_split=train800[:192],data.val_split=val200[:96],"
+       "data.test_split=test[:96]")
 STEPS = 2
 
 
@@ -150,7 +153,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
 def test_eight_devices_match_one_device(runs):
   """The trainer's data-parallel steps (batch split over 8 devices) equal one device's.
 
-  Two steps of batch 400, compared to rounding: over many high-lr steps SGD amplifies the
+  Two steps of batch 96, compared to rounding: over many high-lr steps SGD amplifies the
   different summation order of the gradient all-reduce, so a long run would not be comparable.
   """
   d, _ = runs
@@ -167,7 +170,7 @@ def test_each_process_reads_its_own_half_of_every_batch(runs):
   assert sorted(full) == sorted(halves[0]) == sorted(halves[1]) == list(range(STEPS))
   for step, rows in full.items():
     a, b = halves[0][step], halves[1][step]
-    assert len(a) == len(b) == 200 and not set(a) & set(b)
+    assert len(a) == len(b) == BATCH // 2 and not set(a) & set(b)
     assert a + b == rows  # process 0 the first half of the global batch, process 1 the second
 
 
