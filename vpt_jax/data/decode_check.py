@@ -14,13 +14,14 @@ import hashlib
 import os
 from typing import Dict, List, Optional, Sequence
 
-import tensorflow as tf
-
 _VERDICTS: Dict[bytes, Optional[str]] = {}
 
 
 def _decode_error(data: bytes) -> Optional[str]:
   """None if the bytes decode as the pipeline decodes them, else the decoder's message."""
+  # TensorFlow on first use: `import vpt_jax` (loading weights, `load_tuned`, the pretraining
+  # script) then starts without it (2-5 s of CPU); the input pipelines import it themselves.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   key = hashlib.sha1(data).digest()
   if key not in _VERDICTS:
     try:
