@@ -21,7 +21,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 
-# One persistent compilation cache for the whole run: both xdist workers, and (through the
+# One persistent compilation cache for the whole run: every xdist worker, and (through the
 # environment) every subprocess and notebook kernel the tests start, so a function compiled by one
 # test is loaded, not recompiled, by the next one with the same shapes and config. Tiny entries are
 # cached too: on a slow host even a 0.1 s compile is worth a file read.
@@ -36,7 +36,7 @@ for _name, _value in (("jax_compilation_cache_dir", CACHE),
 # LLVM's optimisation level 0 (test_fast_path, cold cache: 64 s of CPU against 108 s), and XLA's
 # older elemental loop emitters for fusions instead of the MLIR fusion emitters (test_train, cold
 # cache: 14 s of XLA compile against 31 s), and each program's machine code generated as one
-# LLVM module rather than split for parallel code generation (two xdist workers already use both
+# LLVM module rather than split for parallel code generation (the xdist workers already use both
 # cores; test_fast_path, cold cache: 14.2 s of XLA compile against 17.2 s). The HLO, hence what
 # is computed, is the same;
 # exactness tests compare runs under the same flags or within a tolerance. Exported through the
