@@ -57,8 +57,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # A quarter of the demo's digits for end-to-end runs whose property does not depend on how much
-# they learn (resume, checkpoints, faults, serving, reports): 200 train examples (4 steps of 64,
-# the last one partial), 100 validation, 200 test. The tests' run time is mostly these steps.
+# they learn (resume, checkpoints, faults, serving, pruning's stages): 200 train examples (4
+# steps of 64, the last one partial), 100 validation, 200 test. The tests' run time is mostly
+# these steps.
 SMALL_DIGITS = ("data.train_split=train800[:200],data.val_split=val200[:100],"
                 "data.test_split=test[:200]")
 SMALL_TRAIN = 200

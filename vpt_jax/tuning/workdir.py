@@ -22,7 +22,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import jax
 import ml_collections
@@ -125,17 +125,13 @@ class Checkpointer:
     return ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
                               meta=ocp.args.JsonSave(meta))
 
-  def _complete_steps(self) -> List[int]:
-    """The steps whose checkpoints are finished on disk, read from the directory (the manager's
-    own list also holds a step whose asynchronous save has just failed)."""
-    d = str(self.last.directory)
-    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-
   def _fail(self, e: BaseException) -> SaveFailed:
     self.failed = e
     last = None
     if not isinstance(e, SaveFailed):
-      last = (self._complete_steps() or [None])[-1]
+      # Read from the directory: the manager's cached list also holds the step whose
+      # asynchronous save has just failed.
+      last = max(self.last.all_steps(read=True), default=None)
     where = os.path.dirname(str(self.last.directory))
     return SaveFailed(
         f"cannot write a checkpoint in {where} "
