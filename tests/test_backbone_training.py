@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from conftest import data_path
+from conftest import data_path, jit_apply
 from vpt_jax.data import pipeline, sources
 from vpt_jax.tuning import build, cache, families, loop, rules, steps
 from vpt_jax.tuning import workdir as workdir_lib
@@ -157,9 +157,9 @@ def test_entering_at_a_later_layer_computes_the_same_logits(family):
   params["head"] = {"kernel": rng.normal(size=(64, 10)).astype(np.float32),
                     "bias": rng.normal(size=(10,)).astype(np.float32)}
   images = rng.uniform(-1, 1, size=(4, 32, 32, 3)).astype(np.float32)
-  full, inter = built.model.apply({"params": params}, images, mutable=["intermediates"])
+  full, inter = jit_apply(built.model, {"params": params}, images, mutable=["intermediates"])
   tokens = inter["intermediates"]["Transformer"]["block_0"][0]
-  later = built.model.apply({"params": params}, tokens, start_layer=1)
+  later = jit_apply(built.model, {"params": params}, tokens, start_layer=1)
   np.testing.assert_allclose(np.asarray(later), np.asarray(full), atol=1e-5, rtol=1e-5)
   assert np.abs(np.asarray(full)).max() > 0.1
 

@@ -17,7 +17,7 @@ import pytest
 import numpy_vit
 import vpt_jax
 from configs import demo
-from conftest import data_path, load_io
+from conftest import data_path, jit_apply, jit_init, load_io
 from vpt_jax.models import heads
 from vpt_jax.tuning import build, optim, rules, steps
 
@@ -136,7 +136,8 @@ def test_adapter_starts_as_the_backbone_and_its_down_projection_learns(runs, dig
   base, v = vpt_jax.load_pretrained("demo-vit", num_classes=K)
   v = {**v, "params": {**v["params"], "head": built.variables["params"]["head"]}}  # same head
   images = digits[0]["image"]
-  np.testing.assert_array_equal(built.model.apply(built.variables, images), base.apply(v, images))
+  np.testing.assert_array_equal(jit_apply(built.model, built.variables, images),
+                                jit_apply(base, v, images))
 
   loss_fn = jax.jit(jax.grad(steps.make_loss_fn(built.model), has_aux=True))
   mods = built.variables[heads.COLLECTION]["hooks"]
@@ -168,7 +169,7 @@ FIXTURE_IMAGES = load_io("vitjax_token.io.npz")["images"]
 
 def _randomised(model, scale=0.3):
   """The model's variables with every module leaf random (so zero inits hide nothing)."""
-  v = model.init(jax.random.PRNGKey(0), FIXTURE_IMAGES[:1])
+  v = jit_init(model, jax.random.PRNGKey(0), FIXTURE_IMAGES[:1])
   _, params = vpt_jax.load_pretrained(data_path("vitjax_token.npz"))
   leaves, tree = jax.tree.flatten(v[heads.COLLECTION])
   rng = np.random.default_rng(1)
@@ -187,7 +188,7 @@ def _fixture(**spec):
   variables = _randomised(model)
   p = _flat(variables["params"])
   m = {k[len("hooks/"):]: x for k, x in _flat(variables[heads.COLLECTION]).items()}
-  logits = np.asarray(model.apply(variables, FIXTURE_IMAGES), np.float64)
+  logits = np.asarray(jit_apply(model, variables, FIXTURE_IMAGES), np.float64)
   return p, m, logits
 
 
@@ -301,7 +302,7 @@ def test_prompts_and_modules_compose_with_their_own_paths():
   assert "prompts/hooks/tokens" in paths and "modules/hooks/mlp/dense_0/kernel" in paths
   # With the MLP head at its start (head zero), the composed model equals VPT with that MLP.
   images = jnp.zeros((2, 32, 32, 3))
-  f_composed = built.model.apply(built.variables, images, mutable=["intermediates"])[1]
-  f_vpt = vpt.model.apply(vpt.variables, images, mutable=["intermediates"])[1]
+  f_composed = jit_apply(built.model, built.variables, images, mutable=["intermediates"])[1]
+  f_vpt = jit_apply(vpt.model, vpt.variables, images, mutable=["intermediates"])[1]
   np.testing.assert_allclose(f_composed["intermediates"]["pooled"][0],
                              f_vpt["intermediates"]["pooled"][0], atol=1e-6)

@@ -16,7 +16,7 @@ from flax import traverse_util
 
 import numpy_vit
 import vpt_jax
-from conftest import ATOL, RTOL, data_path, load_io, load_raw
+from conftest import ATOL, RTOL, data_path, jit_apply, load_io, load_raw
 from vpt_jax.weights import download, npz
 from vpt_jax.weights.download import CheckpointError
 
@@ -299,7 +299,7 @@ def test_num_classes_replaces_the_head_only():
   for k in old:
     if not k.startswith("head/"):
       np.testing.assert_array_equal(new[k], old[k], err_msg=k)
-  logits = model.apply(variables, load_io("vitjax_token.io.npz")["images"])
+  logits = jit_apply(model, variables, load_io("vitjax_token.io.npz")["images"])
   assert logits.shape == (4, 7)
 
 

@@ -10,7 +10,7 @@ from flax import traverse_util
 
 import numpy_vit
 import vpt_jax
-from conftest import ATOL, RTOL, data_path, load_io
+from conftest import ATOL, RTOL, data_path, jit_apply, load_io
 from vpt_jax import prompts
 from vpt_jax.tuning import rules
 from vpt_jax.weights.npz import Architecture
@@ -32,7 +32,8 @@ def build(**kw):
 
 
 def apply(model, pr, **kw):
-  return np.asarray(model.apply({"params": BASE_VARS["params"], "prompts": pr}, IMAGES, **kw))
+  return np.asarray(jit_apply(model, {"params": BASE_VARS["params"], "prompts": pr}, IMAGES,
+                              **kw))
 
 
 def deep_insert(tokens, p=3):
@@ -92,8 +93,8 @@ def test_works_on_a_gap_backbone_and_in_bfloat16():
   cfg.update(dict(length=3, kv_length=5))
   model = prompts.attach(base, cfg)
   pr = prompts.init_prompts(model, jax.random.PRNGKey(0))
-  out = np.asarray(model.apply({**variables, "prompts": pr}, IMAGES))
-  f32 = np.asarray(model.clone(dtype=jnp.float32).apply({**variables, "prompts": pr}, IMAGES))
+  out = np.asarray(jit_apply(model, {**variables, "prompts": pr}, IMAGES))
+  f32 = np.asarray(jit_apply(model.clone(dtype=jnp.float32), {**variables, "prompts": pr}, IMAGES))
   assert out.dtype == np.float32 and np.isfinite(out).all()
   np.testing.assert_allclose(out, f32, atol=0.05 * np.abs(f32).max())
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 import vpt_jax
 from configs import demo
-from conftest import ROOT
+from conftest import ROOT, jit_apply
 from vpt_jax import prompts
 from vpt_jax.analysis import plots
 from vpt_jax.tuning import loop
@@ -85,7 +85,8 @@ def test_class_token_attention_matches_numpy(layer, kv_length, fast_path):
 
   # Independent: the layer's LayerNorm_0 outputs, captured by flax, projected in numpy by the
   # checkpoint's query/key kernels; numpy softmax.
-  _, state = model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
+  _, state = jit_apply(model, variables, images, capture_intermediates=True,
+                       mutable=["intermediates"])
   block = f"encoderblock_{layer % model.depth}"
   normed = [np.asarray(c, np.float64)
             for c in state["intermediates"]["Transformer"][block]["LayerNorm_0"]["__call__"]]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import vpt_jax
-from conftest import ROOT
+from conftest import ROOT, jit_apply
 from vpt_jax.tasks import classification
 
 
@@ -23,7 +23,7 @@ def test_predictions_equal_the_models_softmax(tmp_path):
     Image.fromarray(p).save(paths[-1])
   model, variables = vpt_jax.load_pretrained("tiny-random")
   got = classification.predict(model, variables, paths, top_k=4)
-  probs = np.asarray(jax.nn.softmax(model.apply(variables, pixels / 127.5 - 1.0)))
+  probs = np.asarray(jax.nn.softmax(jit_apply(model, variables, pixels / 127.5 - 1.0)))
   assert [name for name, _ in got] == paths
   for (_, top), p in zip(got, probs):
     classes = [c for c, _ in top]

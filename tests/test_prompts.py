@@ -10,7 +10,7 @@ from flax import traverse_util
 
 import numpy_vit
 import vpt_jax
-from conftest import ATOL, RTOL, data_path, load_io
+from conftest import ATOL, RTOL, data_path, jit_apply, jit_init, load_io
 from vpt_jax import prompts
 from vpt_jax.models.vit import VisionTransformer
 from vpt_jax.tuning import rules
@@ -43,7 +43,7 @@ def build(base=BASE, seed=0, **kw):
 
 
 def apply(model, params, pr, images=IMAGES, **kw):
-  return np.asarray(model.apply({"params": params, "prompts": pr}, images, **kw))
+  return np.asarray(jit_apply(model, {"params": params, "prompts": pr}, images, **kw))
 
 
 def bcast(t, b=4):
@@ -78,7 +78,7 @@ def tokens_of(pr):
 def test_zero_length_is_the_plain_vit(kw):
   model, pr = build(**(kw | {"length": 0}))
   assert rules.count(pr) == 0
-  plain = np.asarray(BASE.apply(BASE_VARS, IMAGES))
+  plain = np.asarray(jit_apply(BASE, BASE_VARS, IMAGES))
   got = apply(model, BASE_VARS["params"], pr)
   if kw.get("pool") == "image":  # a different readout by design: the mean of the patch outputs
     tok = numpy_vit.forward(flat(BASE_VARS["params"]), IMAGES, **REF, return_tokens=True)
@@ -92,7 +92,7 @@ def test_zero_length_on_a_gap_backbone():
   base, variables = vpt_jax.load_pretrained(data_path("bigvision_gap.npz"))
   model, pr = build(base, length=0)
   np.testing.assert_array_equal(apply(model, variables["params"], pr),
-                                np.asarray(base.apply(variables, IMAGES)))
+                                np.asarray(jit_apply(base, variables, IMAGES)))
   close(apply(model, variables["params"], pr), load_io("bigvision_gap.io.npz")["logits"])
 
 
@@ -137,7 +137,7 @@ def deep4():
   """A random 4-layer ViT (noise on the init, so no parameter is trivially zero or one)."""
   base = VisionTransformer(image_size=(32, 32), patch_size=(4, 4), width=64, depth=4, num_heads=4,
                            mlp_dim=128, num_classes=10, pool_type="token", class_token=True)
-  params = base.init(jax.random.PRNGKey(0), IMAGES[:1])["params"]
+  params = jit_init(base, jax.random.PRNGKey(0), IMAGES[:1])["params"]
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda p: p + rng.normal(0, 0.1, p.shape).astype(np.float32), params)
   return base, params
@@ -215,7 +215,7 @@ def test_concat_channel_adds_trainable_input_channels():
   model, pr = build(location="concat-channel", deep=False)
   # Zero extra kernel at init: the model starts as the plain ViT.
   np.testing.assert_array_equal(apply(model, BASE_VARS["params"], pr),
-                                np.asarray(BASE.apply(BASE_VARS, IMAGES)))
+                                np.asarray(jit_apply(BASE, BASE_VARS, IMAGES)))
   kernel = np.random.default_rng(0).normal(0, 0.1, (4, 4, P, 64)).astype(np.float32)
   pr = {"hooks": pr["hooks"] | {"channel_kernel": kernel}}
   p = flat(BASE_VARS["params"])

@@ -11,15 +11,15 @@ from flax import traverse_util
 
 import numpy_vit
 import vpt_jax
-from conftest import ATOL, RTOL, data_path, load_io
+from conftest import ATOL, RTOL, data_path, jit_apply, load_io
 from vpt_jax import prompts
 from vpt_jax.tasks.classification import cross_entropy
 from vpt_jax.tuning import pruning, rules
 
 IMAGES = load_io("vitjax_token.io.npz")["images"]
 BASE, BASE_VARS = vpt_jax.load_pretrained(data_path("vitjax_token.npz"), num_classes=5)
-PARAMS = jax.tree.map(lambda p: p + 0.05 * np.random.default_rng(0).normal(size=p.shape)
-                      .astype(np.float32), BASE_VARS["params"])  # a head that is not zero
+PARAMS = jax.tree.map(lambda p: np.asarray(p) + 0.05 * np.random.default_rng(0).normal(
+    size=p.shape).astype(np.float32), BASE_VARS["params"])  # a head that is not zero
 REF = dict(patch=4, depth=2, pool="token", cls_row=True)
 LABELS = np.array([0, 3, 1, 4])
 MASKS = {  # p = 6 tokens, R = 16 segments: tokens 1 and 4 pruned, 5 segments off in each kept token
@@ -56,8 +56,8 @@ def test_all_ones_masks_change_nothing():
   cfg.update(length=6, kv_length=2)
   plain = prompts.attach(BASE, cfg)
   ones = {"tokens": np.ones(6, np.float32), "segments": np.ones((6, 16), np.float32)}
-  np.testing.assert_array_equal(masked.apply(variables(pr, ones), IMAGES),
-                                plain.apply(variables(pr), IMAGES))
+  np.testing.assert_array_equal(jit_apply(masked, variables(pr, ones), IMAGES),
+                                jit_apply(plain, variables(pr), IMAGES))
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(deep=False), dict(kv_length=2, kv_shared=False),
@@ -65,7 +65,7 @@ def test_all_ones_masks_change_nothing():
 def test_pruned_compact_model_equals_masked_model(kw):
   """Masked full-size model == the compact model that holds only the kept tokens / dims."""
   model, pr = model_for(**kw)
-  masked = np.asarray(model.apply(variables(pr, MASKS), IMAGES))
+  masked = np.asarray(jit_apply(model, variables(pr, MASKS), IMAGES))
 
   packed = pruning.compact(np.asarray(pr["hooks"]["tokens"]), MASKS)
   assert packed["values"].shape == (pr["hooks"]["tokens"].shape[0], 4, 11 * 4)
@@ -75,11 +75,11 @@ def test_pruned_compact_model_equals_masked_model(kw):
   for k in ("kv", "kv_values"):
     if k in pr["hooks"]:
       small_pr["hooks"][k] = pr["hooks"][k]
-  compact_out = np.asarray(small.apply(variables(small_pr, small_masks), IMAGES))
+  compact_out = np.asarray(jit_apply(small, variables(small_pr, small_masks), IMAGES))
   np.testing.assert_allclose(compact_out, masked, atol=1e-5, rtol=1e-5)
   # Pruning really changed the output.
-  dense = np.asarray(model.apply(variables(pr, {k: np.ones_like(v) for k, v in MASKS.items()}),
-                                 IMAGES))
+  dense = np.asarray(jit_apply(model, variables(pr, {k: np.ones_like(v)
+                                                      for k, v in MASKS.items()}), IMAGES))
   assert np.abs(dense - masked).max() > 1e-3
 
 
@@ -93,7 +93,7 @@ def test_masked_model_matches_numpy_with_tokens_removed():
       [x[:, :1], np.broadcast_to(t, (x.shape[0],) + t.shape), x[:, 1 + replace:]], 1))
   expected = numpy_vit.forward(flat(PARAMS), IMAGES, **REF,
                                insert={0: put(kept[0], 0), 1: put(kept[1], 4)})
-  got = np.asarray(model.apply(variables(pr, MASKS), IMAGES))
+  got = np.asarray(jit_apply(model, variables(pr, MASKS), IMAGES))
   np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL)
   # The official code's semantics (zero vectors left in the sequence) gives a different model.
   zeros = [(t * per_dim) * MASKS["tokens"][:, None] for t in tok]
@@ -106,11 +106,12 @@ def _direct_scores(model, pr, images, labels):
   """|dL(x)/d mask| per example by jax.grad of the plain single-example loss, then the mean."""
   ones = {"tokens": np.ones(6, np.float32), "segments": np.ones((6, 16), np.float32)}
   out = {"tokens": 0.0, "segments": 0.0}
+  def loss(m, x, y):
+    v = {"params": PARAMS, "prompts": pr, "prompt_masks": m}
+    return cross_entropy(model.apply(v, x[None]), y[None])[0]
+  grad = jax.jit(jax.grad(loss))  # one program for every example
   for x, y in zip(images, labels):
-    def loss(m):
-      v = {"params": PARAMS, "prompts": pr, "prompt_masks": m}
-      return cross_entropy(model.apply(v, x[None]), jnp.array([y]))[0]
-    g = jax.grad(loss)(variables(pr, ones)["prompt_masks"])["hooks"]
+    g = grad(variables(pr, ones)["prompt_masks"], x, jnp.int32(y))["hooks"]
     out["tokens"] = out["tokens"] + np.abs(np.asarray(g["token_mask"]))
     out["segments"] = out["segments"] + np.abs(np.asarray(g["segment_mask"]))
   return {k: v / len(labels) for k, v in out.items()}
@@ -134,7 +135,7 @@ def test_importance_equals_direct_mask_gradients():
   def loss_p(tokens):
     pv = {"hooks": {**pr["hooks"], "tokens": tokens}}
     return cross_entropy(model.apply(variables(pv, ones), x), y)[0]
-  gp = np.asarray(jax.grad(loss_p)(pr["hooks"]["tokens"]))
+  gp = np.asarray(jax.jit(jax.grad(loss_p))(pr["hooks"]["tokens"]))
   by_token = np.abs((gp * np.asarray(pr["hooks"]["tokens"])).sum(axis=(0, 2)))
   one = pruning.importance(step, trainable, frozen, [{"image": x, "label": y}],
                            jax.random.PRNGKey(0))

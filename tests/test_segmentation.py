@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import jit_apply, jit_init
 from vpt_jax import prompts as vpt
 from vpt_jax.weights.npz import load_pretrained
 from vpt_jax.tasks import seg_inference, seg_metrics
@@ -109,7 +110,7 @@ def test_resize_bilinear_is_pytorch_align_corners_false(n_in, n_out):
 def head_case():
   head = seg.SETRUPHead(num_classes=5, channels=6, num_convs=2, up_scale=2)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4, 8))
-  v = head.init(jax.random.PRNGKey(0), x)
+  v = jit_init(head, jax.random.PRNGKey(0), x)
   v = {"params": randomize(v["params"], jax.random.PRNGKey(2)),
        "batch_stats": jax.tree_util.tree_map(
            lambda s: s + jax.random.uniform(jax.random.PRNGKey(3), s.shape), v["batch_stats"])}
@@ -118,7 +119,7 @@ def head_case():
 
 def test_setr_up_head_train_mode_matches_numpy(head_case):
   head, x, v = head_case
-  out, state = head.apply(v, x, train=True, mutable=["batch_stats"])
+  out, state = jit_apply(head, v, x, train=True, mutable=["batch_stats"])
   assert out.shape == (2, 12, 16, 5)
   p = jax.tree_util.tree_map(np.asarray, v["params"])
   ref, batch = np_head(p, None, np.asarray(x, np.float64), 2, 2, train=True)
@@ -133,7 +134,7 @@ def test_setr_up_head_train_mode_matches_numpy(head_case):
 
 def test_setr_up_head_eval_mode_uses_running_statistics(head_case):
   head, x, v = head_case
-  out = head.apply(v, x, train=False)
+  out = jit_apply(head, v, x, train=False)
   p = jax.tree_util.tree_map(np.asarray, v["params"])
   stats = jax.tree_util.tree_map(np.asarray, v["batch_stats"])
   ref, _ = np_head(p, stats, np.asarray(x, np.float64), 2, 2, train=False)
@@ -193,7 +194,7 @@ def test_patch_maps_with_prompts_exclude_prompt_rows(tiny, kw):
   slow = vpt.attach(model.clone(fast_path=False), prompt_cfg(**kw))
   v = {**variables, "prompts": vpt.init_prompts(fast, jax.random.PRNGKey(5))}
   maps = seg.patch_maps(fast, v, images, (0, 1))
-  _, state = slow.apply(v, images, mutable=["intermediates"])
+  _, state = jit_apply(slow, v, images, mutable=["intermediates"])
   plain = seg.patch_maps(model, variables, images, (1,))
   for i in (0, 1):
     rows = state["intermediates"]["Transformer"][f"block_{i}"][0]
@@ -238,11 +239,11 @@ def test_segmenter_shapes_and_batch_stats(tiny):
   hv = sm.init_head(jax.random.PRNGKey(0))
   assert set(hv) == {"params", "batch_stats"}
   assert set(hv["params"]) == {"decode_head", "auxiliary_head_0"}
-  (d, a), new = sm.apply(variables, hv, images, train=True)
+  (d, a), new = jax.jit(lambda b, h, x: sm.apply(b, h, x, train=True))(variables, hv, images)
   assert d.shape == (2, 32, 32, 4) and [x.shape for x in a] == [(2, 32, 32, 4)]
   assert not np.allclose(new["batch_stats"]["decode_head"]["bn_0"]["mean"],
                          hv["batch_stats"]["decode_head"]["bn_0"]["mean"])
-  d_eval, a_eval = sm.apply(variables, hv, images)
+  d_eval, a_eval = jax.jit(sm.apply)(variables, hv, images)
   assert d_eval.shape == (2, 32, 32, 4) and a_eval == ()
 
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from conftest import ATOL, RTOL, adam_steps, data_path
+from conftest import ATOL, RTOL, adam_steps, data_path, jit_apply
 from vpt_jax import prompts
 from vpt_jax.models import hooks
 from vpt_jax.weights import torch_vit as ssl_vit
@@ -58,7 +58,7 @@ def check(got, want, what):
 
 
 def run(model, variables, images):
-  logits, st = model.apply(variables, images, mutable=["intermediates"])
+  logits, st = jit_apply(model, variables, images, mutable=["intermediates"])
   flat = traverse_util.flatten_dict(st["intermediates"], is_leaf=lambda k, x: isinstance(x, tuple))
   return np.asarray(logits), {k[-1]: np.asarray(v[0]) for k, v in flat.items()}
 

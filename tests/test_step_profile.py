@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import step_cost  # noqa: E402
 import step_profile  # noqa: E402
+from conftest import jit_init  # noqa: E402
 from vpt_jax import prompts  # noqa: E402
 from vpt_jax.tuning import optim, rules, steps  # noqa: E402
 
@@ -28,7 +29,7 @@ def deep_step():
   model = prompts.attach(arch.model(), dict_config(length=4))
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, *arch.image_size, 3)),
                        jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  variables = jit_init(model, jax.random.PRNGKey(0), images[:1])
   trainable, frozen = rules.split(variables, rules.label(variables,
                                                          rules.protocol_patterns("vpt")))
   tx, schedule = optim.make_optimizer(optim.default_optim_config(), steps_per_epoch=10)

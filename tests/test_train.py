@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import vpt_jax
-from conftest import data_path, load_io
+from conftest import data_path, jit_apply, load_io
 from vpt_jax import prompts
 from vpt_jax.tuning import rules, steps
 from vpt_jax.tuning import optim as optim_lib
@@ -194,7 +194,7 @@ def test_eval_step_counts_only_real_examples(setup):
   eval_step = jax.jit(steps.make_eval_step(setup["model"]))
   batch = dict(BATCH, mask=np.array([1, 1, 0, 0], np.float32))
   out = eval_step(setup["trainable"], setup["frozen"], batch)
-  logits = setup["model"].apply(setup["variables"], IMAGES)
+  logits = jit_apply(setup["model"], setup["variables"], IMAGES)
   correct = (np.argmax(logits, -1) == BATCH["label"])[:2].sum()
   assert float(out["count"]) == 2 and float(out["correct"]) == correct
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, BATCH["label"])

@@ -8,7 +8,7 @@ from flax import traverse_util
 
 import numpy_vit
 import vpt_jax
-from conftest import ATOL, RTOL, data_path, load_io
+from conftest import ATOL, RTOL, data_path, jit_apply, jit_init, load_io
 from vpt_jax.models.hooks import EncoderHooks, LayerInput
 from vpt_jax.models.vit import VisionTransformer
 
@@ -41,7 +41,7 @@ def test_random_model_matches_numpy_reference(pool, class_token, cls_row, rep):
                             num_heads=4, mlp_dim=128, num_classes=10, pool_type=pool,
                             class_token=class_token, posemb_cls_row=cls_row,
                             representation_size=rep)
-  params = _perturbed(model.init(jax.random.PRNGKey(0), IMAGES[:1])["params"], seed=1)
+  params = _perturbed(jit_init(model, jax.random.PRNGKey(0), IMAGES[:1])["params"], seed=1)
   expected = numpy_vit.forward(flat(params), IMAGES, patch=4, depth=2, pool=pool, cls_row=cls_row)
   close(jax.jit(model.apply)({"params": params}, IMAGES), expected)
 
@@ -49,9 +49,9 @@ def test_random_model_matches_numpy_reference(pool, class_token, cls_row, rep):
 def test_no_head_returns_features():
   model = VisionTransformer(image_size=(32, 32), patch_size=(4, 4), width=64, depth=1,
                             num_heads=4, mlp_dim=128, num_classes=None)
-  variables = model.init(jax.random.PRNGKey(0), IMAGES[:1])
+  variables = jit_init(model, jax.random.PRNGKey(0), IMAGES[:1])
   assert "head" not in variables["params"]
-  assert model.apply(variables, IMAGES).shape == (4, 64)
+  assert jit_apply(model, variables, IMAGES).shape == (4, 64)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -101,13 +101,13 @@ def _hooked(hooks):
 
 def test_hooks_insert_tokens_and_extra_kv_match_numpy():
   model, variables = _hooked(ToyPrompts())
-  prompts = model.init(jax.random.PRNGKey(3), IMAGES[:1])["prompts"]
+  prompts = jit_init(model, jax.random.PRNGKey(3), IMAGES[:1])["prompts"]
   assert set(variables) == {"params"} and set(prompts) == {"hooks"}
   logits, state = jax.jit(lambda v, x: model.clone(fast_path=False).apply(
       v, x, mutable=["intermediates"]))(variables | {"prompts": prompts}, IMAGES)
   assert state["intermediates"]["encoded"][0].shape == (4, 1 + 3 + 64, 64)
   # The fast path (class-token row only in the last layer) computes the same logits.
-  close(model.apply(variables | {"prompts": prompts}, IMAGES), logits)
+  close(jit_apply(model, variables | {"prompts": prompts}, IMAGES), logits)
 
   tok = np.asarray(prompts["hooks"]["tokens"], np.float64)
   keys = np.asarray(prompts["hooks"]["keys"])
@@ -135,7 +135,7 @@ def test_identity_hooks_change_nothing():
 def test_gradient_reaches_prompts_but_not_through_params():
   """Prompts are a separate collection: differentiate them alone, with params as constants."""
   model, variables = _hooked(ToyPrompts())
-  prompts = model.init(jax.random.PRNGKey(3), IMAGES[:1])["prompts"]
+  prompts = jit_init(model, jax.random.PRNGKey(3), IMAGES[:1])["prompts"]
 
   @jax.jit
   def loss(p):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vpt_jax
-from conftest import data_path
+from conftest import data_path, jit_apply
 from vpt_jax.tuning import build, workdir as workdir_lib
 
 RUNS = ("vpt_kv", "mlp2")
@@ -24,7 +24,7 @@ def expected():
 @pytest.mark.parametrize("run", RUNS)
 def test_old_workdir_loads_and_predicts_the_same(run, expected):
   tuned = vpt_jax.load_tuned(data_path(f"workdirs_v0_1/{run}"), which="last")
-  logits = np.asarray(tuned.model.apply(tuned.variables, expected["images"]))
+  logits = np.asarray(jit_apply(tuned.model, tuned.variables, expected["images"]))
   np.testing.assert_allclose(logits, expected[f"{run}_last"], rtol=1e-6, atol=1e-6)
   # Everything a consumer needs comes with it: the config and the trainable rule.
   assert tuned.config.protocol == {"vpt_kv": "vpt", "mlp2": "mlp-2"}[run]
@@ -51,7 +51,7 @@ def test_old_workdir_loads_without_the_fast_path(tmp_path, expected):
   # with model.fast_path toggled, though the parameters are the same.
   tuned = vpt_jax.load_tuned(_copy_with(tmp_path, "vpt_kv", fast_path=False), which="last")
   assert not tuned.model.hooks.kv_only_layers
-  logits = np.asarray(tuned.model.apply(tuned.variables, expected["images"]))
+  logits = np.asarray(jit_apply(tuned.model, tuned.variables, expected["images"]))
   np.testing.assert_allclose(logits, expected["vpt_kv_last"], rtol=1e-5, atol=1e-5)
 
 

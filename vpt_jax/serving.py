@@ -256,7 +256,7 @@ class MultiTaskServer:
       serving["kv_keys"] = np.stack([np.stack([t.kv[l][0] for l in kv_layers]) for t in tasks])
       serving["kv_values"] = np.stack([np.stack([t.kv[l][1] for l in kv_layers]) for t in tasks])
     out["serving"] = serving
-    return jax.tree.map(jnp.asarray, out)
+    return jax.device_put(out)  # (jnp.asarray would compile a copy per shape)
 
   def _logits(self, params, tables, images: Array, task_ids: Array) -> Array:
     serving = {"hooks": {**tables["serving"], "task_ids": task_ids}}

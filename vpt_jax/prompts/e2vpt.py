@@ -33,8 +33,8 @@ def apply_masks(tokens: Array, token_mask: Array, segment_mask: Array) -> Array:
 
 def mask_variables(token_mask: Array, segment_mask: Array) -> dict:
   """The 'prompt_masks' collection holding these masks."""
-  return {COLLECTION: {"hooks": {"token_mask": jnp.asarray(token_mask),
-                                 "segment_mask": jnp.asarray(segment_mask)}}}
+  return {COLLECTION: {"hooks": {"token_mask": jax.device_put(token_mask),
+                                 "segment_mask": jax.device_put(segment_mask)}}}
 
 
 def masks_of(variables: dict) -> Optional[dict]:

@@ -402,7 +402,7 @@ def init_from_array(prompts: dict, array: np.ndarray, *, source: str = "array") 
   if array.shape != tokens.shape:
     raise ValueError(f"{source}: prompt init array has shape {array.shape}; this model's prompts "
                      f"need {tuple(tokens.shape[1:])} or {tuple(tokens.shape)}")
-  return {**prompts, "hooks": {**prompts["hooks"], "tokens": jnp.asarray(array)}}
+  return {**prompts, "hooks": {**prompts["hooks"], "tokens": jax.device_put(array)}}
 
 
 def load_init(prompts: dict, cfg: ml_collections.ConfigDict) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import zipfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -201,6 +202,8 @@ def _is_npz(path: str) -> bool:
 
 
 def _as_jnp(tree: Any) -> Any:
+  """The tree's host arrays on the default device, as dicts (device_put rather than
+  jnp.asarray, which compiles a copy program for every new shape)."""
   if isinstance(tree, Mapping):
     return {k: _as_jnp(v) for k, v in tree.items()}
-  return jnp.asarray(tree)
+  return jax.device_put(tree)
