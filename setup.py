@@ -31,6 +31,9 @@ setuptools.setup(
         "matplotlib",  # PNG pictures (t-SNE, training curves, attention maps)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "scipy", "nbclient", "nbformat", "ipykernel"],
+        # zstandard: JAX then compresses its compilation-cache entries with zstd instead of zlib
+        # (the suite writes ~3800 of them: half the CPU of each write).
+        "test": ["pytest>=8", "pytest-xdist", "scipy", "nbclient", "nbformat", "ipykernel",
+                 "zstandard"],
     },
 )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import vpt_jax
-from conftest import data_path, jit_init, load_io
+from conftest import data_path, load_io
 from vpt_jax import prompts
 from vpt_jax.models.vit import VisionTransformer
 from vpt_jax.tasks.classification import cross_entropy
@@ -35,7 +35,7 @@ def random_model(pool="token", class_token=True):
   model = VisionTransformer(image_size=(32, 32), patch_size=(4, 4), width=64, depth=3,
                             num_heads=4, mlp_dim=128, num_classes=5, pool_type=pool,
                             class_token=class_token, representation_size=None)
-  params = jit_init(model, jax.random.PRNGKey(0), IMAGES[:1])["params"]
+  params = model.init(jax.random.PRNGKey(0), IMAGES[:1])["params"]
   return model, _perturbed(params, 1)
 
 
