@@ -1,5 +1,6 @@
 """Shared test setup: a persistent compilation cache, exact float32 matmuls, fixture paths."""
 
+import gc
 import os
 import re
 import resource
@@ -63,6 +64,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 SMALL_DIGITS = ("data.train_split=train800[:200],data.val_split=val200[:100],"
                 "data.test_split=test[:200]")
 SMALL_TRAIN = 200
+
+# Python's cyclic garbage collector: JAX's tracing allocates millions of short-lived objects, and
+# at the default thresholds a collection runs every 700 allocations, walking the large object
+# graph of TensorFlow, JAX and the test modules each time it reaches the older generations. The
+# imported modules are frozen out of the collector (gc.freeze) and collections run less often:
+# test_fast_path + test_backbone_training, 77-78 s of CPU against 72-73 s.
+gc.freeze()
+gc.set_threshold(50_000, 50, 50)
 
 # Tolerance of the golden fixtures (tests/data/README.md).
 ATOL = RTOL = 1e-5
@@ -202,6 +211,11 @@ LONGEST_FIRST = ("tests/test_faults.py::test_sigkill", "tests/test_multiprocess.
                  "tests/test_pruning.py", "tests/test_baselines.py", "tests/test_serving.py",
                  "tests/test_main.py::test_resume_after_kill", "tests/test_swin.py",
                  "tests/test_features.py::test_cached_and_uncached")
+
+
+def pytest_collection_finish(session):
+  del session
+  gc.freeze()  # and the test modules with what they imported (see gc.set_threshold above)
 
 
 def pytest_collection_modifyitems(config, items):
