@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import ROOT
+import forked_cli
 from vpt_jax.tuning import claims, sweeps
 
 # The claimers are forked from this JAX-initialised process; they never call JAX.
@@ -182,9 +183,9 @@ app.run(sweep.main, argv=sys.argv)
 def test_the_sweep_command_honours_shard(setup):
   config, workdir = setup
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-  out = subprocess.run([sys.executable, "-c", DRIVER, f"--config={config}",
+  out = forked_cli.run([sys.executable, "-c", DRIVER, f"--config={config}",
                         f"--workdir={workdir}", "--protocol", "--shard=1/2"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       timeout=300)
   assert out.returncode == 0, out.stderr
   assert "shard 1/2: its grid runs are finished" in out.stdout
   assert sorted(e[1] for e in _events(workdir) if e[0] == "done") == sorted(GRID[1::2])

@@ -26,6 +26,7 @@ import tensorflow as tf
 import vpt_jax
 from configs import demo
 from conftest import ROOT, SMALL_DIGITS, SMALL_TRAIN, optimised_env
+import forked_cli
 from vpt_jax import serving
 from vpt_jax.data import folders, sources
 from vpt_jax.tuning import loop, steps
@@ -50,8 +51,7 @@ def run_cli(workdir, arg, *, wrapper=None, timeout=TIMEOUT_S):
   cmd = [sys.executable, *entry, f"--config=configs/demo.py:{arg}", f"--workdir={workdir}"]
   env = dict(os.environ, PYTHONPATH=ROOT)
   try:
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return forked_cli.run(cmd, cwd=ROOT, env=env, timeout=timeout)
   except subprocess.TimeoutExpired:
     pytest.fail(f"{' '.join(cmd)} hung for {timeout} s")
 
@@ -540,10 +540,9 @@ def test_one_line_messages_name_what_is_wrong(tmp_path):
 
 
 def test_an_unknown_config_flag_is_one_line_not_a_traceback(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "vpt_jax.main", "--config=configs/demo.py:vpt-deep",
+  r = forked_cli.run([sys.executable, "-m", "vpt_jax.main", "--config=configs/demo.py:vpt-deep",
                       f"--workdir={tmp_path}", "--config.optim.lrr=0.1"], cwd=ROOT,
-                     env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                     timeout=TIMEOUT_S)
+                     env=dict(os.environ, PYTHONPATH=ROOT), timeout=TIMEOUT_S)
   assert r.returncode == 2
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert ("error: unknown config option 'lrr' (Did you mean \"lr\" instead of \"lrr\"?) "

@@ -16,6 +16,7 @@ import pytest
 
 from configs import demo
 from conftest import ROOT, SMALL_DIGITS, SMALL_TRAIN
+import forked_cli
 from vpt_jax.data import pipeline, sources
 from vpt_jax.tuning import loop, rules, sweeps
 from vpt_jax.tuning import workdir as workdir_lib
@@ -37,7 +38,7 @@ def cli(workdir, arg, *, env=None, popen=False):
   if popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return forked_cli.run(cmd, cwd=ROOT, env=env, timeout=600)
 
 
 def final_trainable(workdir):

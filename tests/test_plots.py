@@ -1,7 +1,6 @@
 """Pictures of a tuned run: each command writes a real PNG; attention weights are right."""
 
 import os
-import subprocess
 import sys
 
 import jax
@@ -13,6 +12,7 @@ from PIL import Image
 import vpt_jax
 from configs import demo
 from conftest import ROOT, jit_apply
+import forked_cli
 from vpt_jax import prompts
 from vpt_jax.analysis import plots
 from vpt_jax.tuning import loop
@@ -47,9 +47,8 @@ def test_tsne_and_attention_write_pngs(workdir, tmp_path):
 def test_curves_command_writes_a_png(workdir, tmp_path):
   out = str(tmp_path / "curves.png")
   env = dict(os.environ, PYTHONPATH=ROOT)
-  r = subprocess.run([sys.executable, "-m", "vpt_jax.plots", "curves", f"--workdir={workdir}",
-                      f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                     timeout=300)
+  r = forked_cli.run([sys.executable, "-m", "vpt_jax.plots", "curves", f"--workdir={workdir}",
+                      f"--out={out}"], cwd=ROOT, env=env, timeout=300)
   assert r.returncode == 0, r.stderr
   assert r.stdout.strip().endswith("curves.png")
   check_png(out)

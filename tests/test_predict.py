@@ -1,7 +1,6 @@
 """The predict command: pretrained checkpoints (tuned runs are covered in test_main.py)."""
 
 import os
-import subprocess
 import sys
 
 import jax
@@ -11,6 +10,7 @@ from PIL import Image
 
 import vpt_jax
 from conftest import ROOT, jit_apply
+import forked_cli
 from vpt_jax.tasks import classification
 
 
@@ -42,8 +42,8 @@ def test_bad_image_files_are_named(tmp_path):
 
 def test_command_runs_offline_on_test_patterns():
   env = dict(os.environ, PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, "-m", "vpt_jax.predict", "--checkpoint=tiny-random"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  out = forked_cli.run([sys.executable, "-m", "vpt_jax.predict", "--checkpoint=tiny-random"],
+                       cwd=ROOT, env=env, timeout=300)
   assert out.returncode == 0, out.stderr
   lines = [l for l in out.stdout.splitlines() if ": class " in l]
   assert len(lines) == 4 and lines[0].startswith("gradient-horizontal: class ")

@@ -4,7 +4,6 @@ Table-3 table and the picture (tiny random ViT on the shapes masks; a few iterat
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+import forked_cli
 from configs import ade20k, seg_demo
 from vpt_jax.analysis import report, seg_plots
 from vpt_jax.data import seg_sources
@@ -54,8 +54,7 @@ def run_a(tmp_path_factory):
   wd = tmp_path_factory.mktemp("seg") / "a"
   cmd = [sys.executable, "-m", "vpt_jax.main",
          f"--config=configs/seg_demo.py:vpt-deep,{TINY}", f"--workdir={wd}"]
-  p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
-                     text=True, timeout=600)
+  p = forked_cli.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   return wd
 
