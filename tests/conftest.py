@@ -250,34 +250,12 @@ _CPU_MARK = []
 
 
 def _cpu_s() -> float:
-  """CPU seconds of this process (all threads) and of its finished child processes."""
+  """CPU seconds of this process (all threads), of its finished child processes, and of the
+  command lines forked for it (tests/forked_cli.py; their zygote is reaped only at the end)."""
   own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-# The packages the test processes import, in two groups of about equal import time.
-_BYTECODE_GROUPS = ("import tensorflow, tensorflow_datasets",
-                    "import jax, flax.linen, optax, orbax.checkpoint, ml_collections, scipy.special, "
-                    "matplotlib.pyplot, PIL.Image, nbclient, nbformat")
-
-
-def pytest_configure(config):
-  """On a fresh install (no bytecode yet: CI installs with --no-compile), the xdist controller
-  first imports what the tests import, in two processes at once, so the bytecode is written once
-  before the workers start, instead of by each of them at the same moment (8.5 s of CPU per
-  process against 3.7 s for the imports of collection alone)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
-    return
-  spec = importlib.util.find_spec("tensorflow")
-  if spec is None or spec.origin is None or os.path.exists(
-      importlib.util.cache_from_source(spec.origin)):
-    return
-  procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL) for code in _BYTECODE_GROUPS]
-  for proc in procs:
-    proc.wait()
+  forked = sys.modules.get("forked_cli")
+  return (own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+          + (forked.CHILD_CPU_S[0] if forked else 0.0))
 
 
 def pytest_sessionstart(session):

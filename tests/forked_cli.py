@@ -37,6 +37,9 @@ STARTUP_PREFIXES = ("JAX_", "XLA_", "TF_", "PYTHON", "LD_", "OMP_", "CUDA_")
 _ZYGOTE: List[subprocess.Popen] = []
 _ZYGOTE_STARTUP: List[Dict[str, str]] = []  # the start-up variables the running zygote has
 _LOCK = threading.Lock()
+# CPU seconds of the forked children so far (reaped by the zygote, so not in this process's
+# RUSAGE_CHILDREN until the zygote ends): conftest's per-test CPU report adds them.
+CHILD_CPU_S = [0.0]
 
 
 def _startup_env(env: Dict[str, str]) -> Dict[str, str]:
@@ -101,6 +104,7 @@ def run(cmd: Sequence[str], *, cwd: str = ROOT, env: Optional[Dict[str, str]] = 
     zygote.stdin.write(json.dumps(request) + "\n")
     zygote.stdin.flush()
     reply = json.loads(zygote.stdout.readline())
+    CHILD_CPU_S[0] += reply["cpu_s"]
     with open(out, encoding="utf-8", errors="replace") as f:
       stdout = f.read()
     with open(err, encoding="utf-8", errors="replace") as f:
@@ -185,16 +189,16 @@ def serve() -> None:
     deadline = time.time() + request["timeout"]
     code = None
     while True:
-      done, status = os.waitpid(pid, os.WNOHANG)
+      done, status, usage = os.wait4(pid, os.WNOHANG)
       if done:
         code = os.waitstatus_to_exitcode(status)
         break
       if time.time() > deadline:
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _, _, usage = os.wait4(pid, 0)
         break
       time.sleep(0.01)
-    print(json.dumps({"code": code}), flush=True)
+    print(json.dumps({"code": code, "cpu_s": usage.ru_utime + usage.ru_stime}), flush=True)
 
 
 if __name__ == "__main__":
