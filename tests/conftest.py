@@ -69,7 +69,7 @@ SMALL_TRAIN = 200
 # at the default thresholds a collection runs every 700 allocations, walking the large object
 # graph of TensorFlow, JAX and the test modules each time it reaches the older generations. The
 # imported modules are frozen out of the collector (gc.freeze) and collections run less often:
-# test_fast_path + test_backbone_training, 77-78 s of CPU against 72-73 s.
+# test_fast_path + test_backbone_training, 72-75 s of CPU against 77-78 s.
 gc.freeze()
 gc.set_threshold(50_000, 50, 50)
 

@@ -87,11 +87,9 @@ def forkable(cmd: Sequence[str], env: Optional[Dict[str, str]]) -> bool:
 
 
 def run(cmd: Sequence[str], *, cwd: str = ROOT, env: Optional[Dict[str, str]] = None,
-        timeout: float = 600, capture_output: bool = True, text: bool = True
-        ) -> subprocess.CompletedProcess:
+        timeout: float = 600) -> subprocess.CompletedProcess:
   """`subprocess.run(cmd, cwd=, env=, capture_output=True, text=True, timeout=)`, forked from the
   zygote when `forkable`; raises subprocess.TimeoutExpired like it after killing the child."""
-  assert capture_output and text, "forked_cli.run captures text output only"
   cmd = list(cmd)
   if not forkable(cmd, env):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
